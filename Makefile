@@ -1,0 +1,26 @@
+# `make test` works on a fresh clone: it creates .venv, installs torch first (a CPU build
+# from the pinned spec; override with TORCH_SPEC=...), then the package with its dev extra.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check models tformer_cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from tformer_cli.app import main
+
+main()

@@ -1,0 +1,88 @@
+"""Which device and precision to run on, and what this machine is good at."""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+
+import torch
+
+from tformer_cli.errors import TformerError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for --device: auto picks CUDA, then MPS, then the CPU."""
+    if name not in DEVICES:
+        raise TformerError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TformerError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TformerError("--device mps: MPS is not available here; use --device cpu")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """fp32, bf16 or fp16 for --precision; auto picks the fastest correct one for the device."""
+    if name not in PRECISIONS:
+        raise TformerError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cpu":
+            return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise TformerError("--precision fp16 is for GPUs; on the CPU use bf16 or fp32")
+    return name
+
+
+def machine_info() -> dict[str, object]:
+    """Versions, devices and threads: what `tformer info` shows."""
+    from tformer_cli import __version__
+
+    info: dict[str, object] = {
+        "tformer": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16_fast": cpu_has_fast_bf16(),
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "default_device": str(resolve_device("auto")),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda_bf16"] = torch.cuda.is_bf16_supported()
+    info["auto_precision"] = resolve_precision("auto", resolve_device("auto"))
+    return info
