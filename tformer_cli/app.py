@@ -7,7 +7,7 @@ import sys
 import typer
 
 from tformer_cli import __version__
-from tformer_cli.commands import info
+from tformer_cli.commands import info, tokenize
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def _root(
 
 
 app.command("info")(info.info)
+app.add_typer(tokenize.app, name="tokenize")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
