@@ -19,8 +19,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# About three minutes of CPU training on text that ships with Python, then a sample.
+demo: $(STAMP)
+	$(BIN)/python scripts/make_demo_corpus.py demo/corpus.txt
+	$(BIN)/tformer train demo/corpus.txt -o demo/run --preset micro --time 3m --overwrite --eval-every 200
+
 lint: $(STAMP)
 	$(BIN)/ruff check models tformer_cli tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo

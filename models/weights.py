@@ -74,9 +74,19 @@ def model_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 def save_model(model: Transformer, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write model.safetensors and config.json ({"format", "model", **extra}) into directory."""
+    save_state(model.state_dict(), model.config, directory, extra)
+
+
+def save_state(
+    state: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path, extra: dict[str, Any] | None = None
+) -> None:
+    """save_model for a state dict (e.g. one gathered from FSDP), without building a model."""
     directory = Path(directory)
-    save_tensors(model_state(model), directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    write_config(directory, model.config, extra)
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop("head.weight", None)
+    save_tensors(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_config(directory, config, extra)
 
 
 def write_config(directory: str | Path, config: ModelConfig, extra: dict[str, Any] | None = None) -> None:

@@ -20,15 +20,18 @@ def tok(shared_data, tmp_path_factory):
 
 
 def _split_text(tok, tokens):
-    """Decode a split back into its documents (EOS-separated)."""
-    docs, cur = [], []
+    """Decode a split back into its documents (each BOS ... EOS)."""
+    docs, cur = [], None
     for t in tokens.tolist():
-        if t == tok.eos_id:
-            docs.append(tok.decode(cur))
+        if t == tok.bos_id:
+            assert cur is None
             cur = []
+        elif t == tok.eos_id:
+            docs.append(tok.decode(cur))
+            cur = None
         else:
             cur.append(t)
-    assert not cur  # every document ends with EOS
+    assert cur is None  # every document ends with EOS
     return docs
 
 

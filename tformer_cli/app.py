@@ -7,7 +7,7 @@ import sys
 import typer
 
 from tformer_cli import __version__
-from tformer_cli.commands import info, tokenize
+from tformer_cli.commands import info, tokenize, train
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ def _root(
 
 app.command("info")(info.info)
 app.add_typer(tokenize.app, name="tokenize")
+app.command("train")(train.train)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -86,3 +86,29 @@ def machine_info() -> dict[str, object]:
         info["cuda_bf16"] = torch.cuda.is_bf16_supported()
     info["auto_precision"] = resolve_precision("auto", resolve_device("auto"))
     return info
+
+
+def matmul_peak_flops(device: torch.device, precision: str = "fp32", seconds: float = 0.3) -> float:
+    """Measured dense matmul throughput (FLOP/s) of this device at this precision: the MFU denominator."""
+    import time
+
+    dtype = DTYPES[precision]
+    size = 4096 if device.type == "cuda" else 1024
+    gen = torch.Generator().manual_seed(0)  # leave the global RNG (training's dropout stream) alone
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a @ b  # warm up
+    sync()
+    n, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        n += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds or n >= 1000:
+            return 2 * size**3 * n / elapsed

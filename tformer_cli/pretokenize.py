@@ -2,7 +2,7 @@
 
 Layout of a token directory: train.bin and val.bin (flat numpy arrays, uint16 when the vocab
 fits, else uint32; read back with np.memmap) and meta.json (counts, hashes), written last.
-Each corpus file is one document, each .jsonl record too; documents end with the EOS id. The
+Each corpus file is one document, each .jsonl record too; a document is BOS, its tokens, EOS. The
 last val_fraction of every file's bytes (from a line or record boundary) is validation data.
 """
 
@@ -21,7 +21,7 @@ from models.weights import atomic_write_text
 from tformer_cli.corpus import iter_documents, resolve_corpus
 from tformer_cli.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 Progress = Callable[[int, int], None]
 
@@ -90,21 +90,23 @@ def pretokenize(
         for path in files:
             size = path.stat().st_size
             split_at = int(size * (1 - val_fraction))
-            batch: list[tuple[str, str | None]] = []
+            batch: list[tuple[str, str | int]] = []
             seen = set()
             for offset, text in iter_documents(path):
                 if path.suffix == ".jsonl":  # a record is a document: it goes whole to one split
                     split = "val" if offset >= split_at else "train"
-                    batch += [(split, text), (split, None)]
+                    batch += [(split, tokenizer.bos_id), (split, text), (split, tokenizer.eos_id)]
                 else:
-                    pieces = _split_piece(offset, text, split_at)
-                    batch += pieces
-                    seen.update(split for split, _ in pieces)
-                if sum(len(t) for _, t in batch if t) >= 4 << 20:
+                    for split, piece in _split_piece(offset, text, split_at):
+                        if split not in seen:
+                            batch.append((split, tokenizer.bos_id))
+                            seen.add(split)
+                        batch.append((split, piece))
+                if sum(len(t) for _, t in batch if isinstance(t, str)) >= 4 << 20:
                     _flush(batch, tokenizer, sinks, counts, nbytes, dtype, num_threads)
                 if progress:
                     progress(done + offset, total)
-            batch += [(split, None) for split in ("train", "val") if split in seen]  # end of the document
+            batch += [(split, tokenizer.eos_id) for split in ("train", "val") if split in seen]
             _flush(batch, tokenizer, sinks, counts, nbytes, dtype, num_threads)
             done += size
             if progress:
@@ -138,13 +140,15 @@ def _split_piece(offset: int, text: str, split_at: int) -> list[tuple[str, str]]
 
 
 def _flush(batch, tokenizer, sinks, counts, nbytes, dtype, num_threads) -> None:
-    """Encode the pending (split, text) pieces (None = end of document) and append them."""
-    texts = [t for _, t in batch if t is not None]
+    """Encode the pending (split, text or token id) pieces and append them to their split."""
+    texts = [t for _, t in batch if isinstance(t, str)]
     encoded = iter(tokenizer.encode_batch(texts, num_threads) if texts else [])
-    for split, text in batch:
-        ids = [tokenizer.eos_id] if text is None else next(encoded)
-        if text is not None:
-            nbytes[split] += len(text.encode("utf-8"))
+    for split, item in batch:
+        if isinstance(item, str):
+            ids = next(encoded)
+            nbytes[split] += len(item.encode("utf-8"))
+        else:
+            ids = [item]
         np.asarray(ids, dtype=dtype).tofile(sinks[split])
         counts[split] += len(ids)
     batch.clear()

@@ -1,0 +1,59 @@
+"""The run card: one rich summary of a training run (the same data is saved as run_card.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(value: float | None, fmt: str = "{:.4f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
+
+
+def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of the card, in display order."""
+    m = card["model"]
+    shape = f"{m['n_layers']} layers, dim {m['dim']}, {m['n_heads']} heads ({m['n_kv_heads']} kv), vocab {m['vocab_size']}"
+    mfu = card.get("mfu")
+    return [
+        ("model", f"{card['preset']}: {shape}"),
+        ("parameters", f"{card['params']:,}"),
+        ("device", f"{card['device']} {card['precision']}" + (f" x{card['world_size']}" if card["world_size"] > 1 else "")),
+        ("steps", f"{card['steps']:,} x {card['batch_size']} x {card['seq_len']} tokens" + (" (interrupted)" if card["interrupted"] else "")),
+        ("tokens seen", f"{card['tokens_seen']:,}"),
+        ("best val loss", f"{_num(card['best_val_loss'])} ({_num(card['best_val_bpb'], '{:.3f}')} bits/byte) at step {card['best_step']}"),
+        ("final val loss", f"{_num(card['final_val_loss'])} ({_num(card['final_val_bpb'], '{:.3f}')} bits/byte)"),
+        ("throughput", f"{card['tokens_per_s']:,.0f} tokens/s"),
+        ("MFU", "-" if mfu is None else f"{100 * mfu:.1f}% of {card['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s measured matmul peak"),
+        ("peak memory", _bytes(card["peak_memory_bytes"])),
+        ("wall time", _duration(card["wall_seconds"])),
+        ("loss", card["loss_sparkline"] or "-"),
+        ("saved", f"{card['saved']['latest']} (latest), {card['saved']['best']} (best)"),
+    ]
+
+
+def render_run_card(card: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"run card: {card['run_dir']}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for label, value in run_card_rows(card):
+        table.add_row(label, value)
+    console.print(table)
