@@ -7,7 +7,7 @@ import sys
 import typer
 
 from tformer_cli import __version__
-from tformer_cli.commands import info, tokenize, train
+from tformer_cli.commands import chat, generate, info, tokenize, train
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
@@ -39,6 +39,8 @@ def _root(
 app.command("info")(info.info)
 app.add_typer(tokenize.app, name="tokenize")
 app.command("train")(train.train)
+app.command("generate")(generate.generate)
+app.command("chat")(chat.chat)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import Transformer
+from models import KVCache, Transformer
 from tformer_cli.sampling import SamplingConfig, sample
 from tformer_cli.tokenizer import Tokenizer
 
@@ -81,6 +81,7 @@ class Completion:
     ids: list[int] = field(default_factory=list)  # generated tokens, without the EOS that ended them
     text: str = ""
     finish: str = "length"  # "eos", "stop" or "length"
+    context: list[int] = field(default_factory=list)  # the tokens now in the KV cache (row 0 of a cache passed in)
 
 
 @dataclass
@@ -140,10 +141,14 @@ def generate(
     use_cache: bool = True,
     seed: int | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    cache: KVCache | None = None,
+    reuse: int = 0,
 ) -> tuple[list[Completion], GenerationStats]:
     """Continue each prompt (a list of ids, at most the context window long) by up to max_new_tokens.
 
-    on_text(row, text) receives each row's text as it becomes final.
+    on_text(row, text) receives each row's text as it becomes final. A single prompt may bring
+    its own cache whose first `reuse` slots already hold the prompt's first tokens (a chat's
+    earlier turns): only the rest is prefilled.
     """
     window = model.config.max_seq_len
     keep = max(1, window // 2)
@@ -163,15 +168,19 @@ def generate(
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool)
         for i, r in enumerate(rows):
             seen[i, r] = True
-    cache = model.new_cache(B, window) if use_cache else None
+    if cache is None:
+        cache = model.new_cache(B, window) if use_cache else None
+        reuse = 0
+    elif B != 1 or not 0 <= reuse < len(rows[0]):
+        raise ValueError("a cache passed in serves one prompt, and reuse must leave a token to prefill")
 
-    def forward_window(win: _Window) -> torch.Tensor:
-        h = model.hidden(win.idx, cache=cache, start=0, pos=win.pos, key_mask=win.key_mask)
+    def forward_window(win: _Window, skip: int = 0) -> torch.Tensor:
+        h = model.hidden(win.idx[:, skip:], cache=cache, start=skip, pos=win.pos, key_mask=win.key_mask)
         return model.head(h[:, -1]).float()
 
     t0 = time.perf_counter()
     win = _Window(rows, starts, device, window)
-    logits = forward_window(win).cpu()
+    logits = forward_window(win, reuse).cpu()
     for step in range(max_new_tokens):
         token = sample(logits, sampling, generator, seen)  # (B,)
         if step == 0:
@@ -214,6 +223,7 @@ def generate(
         if rest and on_text:
             on_text(i, rest)
         results[i].text = dec.text
+    results[0].context = win.idx[0, win.pads[0] :].tolist()
     return results, stats
 
 

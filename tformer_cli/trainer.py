@@ -420,13 +420,15 @@ def _train_loop(
             tokens_log += cfg.batch_size * seq_len
             loss_acc, loss_n = loss_acc + loss_value, loss_n + 1
 
-            if budget and state.step - start_step in (5, 2 * cfg.eval_every) and cfg.max_steps is None:
-                # Fit the LR schedule to the time budget from the measured step (and eval) cost.
-                per_step = sorted(step_times[1:] or step_times)[len(step_times[1:] or step_times) // 2]
-                per_step += eval_seconds / max(1, state.step - start_step)
+            ran = state.step - start_step
+            if budget and cfg.max_steps is None and (ran == 5 or (ran > 5 and state.step % cfg.log_every == 0)):
+                # Fit the LR schedule to the time budget from the recent step (and eval) cost, and
+                # keep refitting: the machine may speed up or slow down under other load.
+                recent = sorted(step_times[-20:])
+                per_step = recent[len(recent) // 2] + eval_seconds / max(1, ran)
                 remaining = budget - (time.perf_counter() - t_start)
                 state.total_steps = state.step + max(1, int(remaining / per_step))
-                if cfg.warmup is None:
+                if ran == 5 and cfg.warmup is None:
                     state.warmup = default_warmup(state.total_steps)
                 on_event("schedule", {"total_steps": state.total_steps})
 

@@ -154,7 +154,7 @@ def train(
     )
     cfg = load_train_config(config, flags)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    err = Console(stderr=True, quiet=not is_main)
+    err = Console(stderr=True, quiet=not is_main, soft_wrap=True)
     stop = threading.Event()
     previous = _install_interrupt(stop, err)
     reporter = _Reporter(err, quiet or not is_main)

@@ -1,0 +1,154 @@
+"""`tformer chat -m RUN`: an interactive chat on a terminal; one turn per line from a pipe."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from tformer_cli.chat_session import ChatSession
+from tformer_cli.commands.generate import load_for_inference
+from tformer_cli.errors import TformerError
+from tformer_cli.sampling import SamplingConfig
+
+HELP = """commands:
+  /reset               start over (keeps the system prompt)
+  /system TEXT         set the system prompt (empty to clear)
+  /set NAME VALUE      temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed
+  /regen               a new reply to the last message
+  /stats               context size and speed of the last reply
+  /save FILE, /load FILE   the transcript as JSON
+  /help, /exit         this help; leave (Ctrl-D too). Ctrl-C stops a reply."""
+
+_SETTABLE = {
+    "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+    "repetition_penalty": float, "max_new_tokens": int, "seed": int,
+}
+
+
+def _command(session: ChatSession, line: str, out: Console, err: Console, stream) -> bool:
+    """Run a slash command; False means exit."""
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("exit", "quit"):
+        return False
+    if name == "help":
+        err.print(HELP)
+    elif name == "reset":
+        session.reset()
+        err.print("[dim]conversation cleared[/]")
+    elif name == "system":
+        session.set_system(arg)
+        err.print(f"[dim]system prompt {'set' if arg else 'cleared'}[/]")
+    elif name == "set":
+        key, _, value = arg.partition(" ")
+        if key not in _SETTABLE or not value:
+            raise TformerError(f"/set NAME VALUE with NAME one of {', '.join(_SETTABLE)}")
+        try:
+            parsed = _SETTABLE[key](value)
+        except ValueError:
+            raise TformerError(f"/set {key}: {value!r} is not a {_SETTABLE[key].__name__}") from None
+        if key in ("max_new_tokens", "seed"):
+            setattr(session, key, parsed)
+        else:
+            trial = SamplingConfig(**{**session.sampling.__dict__, key: parsed}).validate()
+            session.sampling = trial
+        err.print(f"[dim]{key} = {parsed}[/]")
+    elif name == "regen":
+        session.regenerate(stream)
+        out.print()
+        _report(session, err)
+    elif name == "stats":
+        ctx = len(session.cached)
+        err.print(f"context: {ctx} of {session.model.config.max_seq_len} tokens, {len(session.messages)} messages, "
+                  f"{session.dropped_turns} dropped; mode {session.mode}; sampling {session.sampling}")
+        if session.last:
+            _report(session, err)
+    elif name == "save":
+        session.save(arg or "chat.json")
+        err.print(f"[dim]saved {arg or 'chat.json'}[/]")
+    elif name == "load":
+        session.load(arg)
+        err.print(f"[dim]loaded {len(session.messages)} messages from {arg}[/]")
+    else:
+        err.print(f"unknown command /{name}; /help lists them")
+    return True
+
+
+def _report(session: ChatSession, err: Console) -> None:
+    s = session.last
+    if s:
+        g = s.generation
+        err.print(f"[dim]{s.reply_tokens} tokens, {g.decode_tokens_per_s:.1f} tokens/s, first after "
+                  f"{1000 * g.prefill_seconds:.0f} ms ({s.prefilled_tokens} prefilled, {s.reused_tokens} reused from cache)[/]")
+
+
+def chat(
+    model_dir: Path = typer.Option(..., "-m", "--model", help="The run directory."),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "-n", "--max-new-tokens", help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty"),
+    seed: int = typer.Option(None, "--seed", help="The same seed gives the same replies."),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("auto", "--precision"),
+    compile_model: bool = typer.Option(False, "--compile"),
+) -> None:
+    """Chat with a model. On a terminal: line editing, history, /help. From a pipe: one turn per line, replies on stdout."""
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
+    run, dev, prec = load_for_inference(model_dir, device, precision, compile_model)
+    mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
+    session = ChatSession(run.model, run.tokenizer, mode, sampling, max_new_tokens, system, seed)
+    interactive = sys.stdin.isatty()
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
+    what = "chat markers (fine-tuned for chat)" if mode == "chat" else "plain transcript (a base model: it continues \"User: ... Assistant:\")"
+    err.print(f"[dim]{run.path}: {what}; {dev} {prec}. /help for commands.[/]")
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if interactive:
+        import readline  # noqa: F401 - gives input() line editing and history
+
+    told_dropped = False
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                err.print()
+            break
+        if not interactive and line == "":
+            break  # end of the piped input
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not _command(session, line, out, err, stream):
+                    break
+                continue
+            session.reply(line, stream)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if interactive:
+                _report(session, err)
+            if session.dropped_turns and not told_dropped:
+                err.print("[yellow]the conversation outgrew the context window: the oldest turns were dropped "
+                          "(the system prompt is kept)[/]")
+                told_dropped = True
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            err.print("[dim]reply stopped[/]")
+            if not interactive:
+                raise typer.Exit(130) from None
+        except TformerError as e:
+            if not interactive:
+                raise
+            err.print(f"[red]{e}[/]")

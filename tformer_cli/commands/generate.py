@@ -1,0 +1,100 @@
+"""`tformer generate -m RUN -p PROMPT`: the continuation on stdout, stats on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+from tformer_cli.device import DTYPES, resolve_device, resolve_precision
+from tformer_cli.errors import TformerError
+from tformer_cli.generation import generate as run_generation
+from tformer_cli.rundir import load_run
+from tformer_cli.sampling import SamplingConfig
+
+
+def load_for_inference(model_dir: Path, device: str, precision: str, compile_model: bool):
+    """The run on the chosen device, its weights cast to the chosen precision."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    run = load_run(model_dir, device=dev, dtype=DTYPES[prec])
+    if compile_model:
+        run.model = torch.compile(run.model)  # type: ignore[assignment]
+    return run, dev, prec
+
+
+def prompt_ids(run, text: str, err: Console) -> list[int]:
+    """BOS + the prompt's tokens, cut from the left (with a warning) to fit the context window."""
+    ids = [run.tokenizer.bos_id, *run.tokenizer.encode(text)]
+    window = run.config.max_seq_len
+    if len(ids) > window - 1:
+        err.print(f"[yellow]warning: the prompt has {len(ids)} tokens; keeping its last {window - 1} "
+                  f"(context window {window})[/]")
+        ids = ids[-(window - 1):]
+    return ids
+
+
+def generate(
+    model_dir: Path = typer.Option(..., "-m", "--model", help="The run directory."),
+    prompt: list[str] = typer.Option(None, "-p", "--prompt", help="Prompt text; repeat for a batch (stdin when omitted)."),
+    max_new_tokens: int = typer.Option(200, "-n", "--max-new-tokens", help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Keep the smallest set with this much probability (1: off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalise tokens already seen (1: off)."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
+    seed: int = typer.Option(None, "--seed", help="The same seed gives the same text."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt, generated as one batch."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context each step (slow; for comparison)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, token counts and timings."),
+) -> None:
+    """Continue a prompt. Only the generated text goes to stdout, so it composes in pipes."""
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
+    if max_new_tokens < 1 or num_samples < 1:
+        raise TformerError("-n/--max-new-tokens and --num-samples must be at least 1")
+    err = Console(stderr=True, soft_wrap=True)
+    run, dev, prec = load_for_inference(model_dir, device, precision, compile_model)
+    texts = list(prompt) if prompt else [sys.stdin.read()]
+    batch = [t for t in texts for _ in range(num_samples)]
+    ids = [prompt_ids(run, t, err) for t in batch]
+    single = len(batch) == 1 and not as_json
+
+    def stream(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    results, stats = run_generation(
+        run.model, run.tokenizer, ids, sampling, max_new_tokens, stops=tuple(stop or ()),
+        use_cache=not no_cache, seed=seed, on_text=stream if single else None,
+    )
+    if as_json:
+        rows = [
+            {"prompt": p, "text": r.text, "finish": r.finish, "prompt_tokens": len(r.prompt_ids), "new_tokens": len(r.ids)}
+            for p, r in zip(batch, results, strict=True)
+        ]
+        out = {"prompt": batch[0], "text": results[0].text, "rows": rows, "device": str(dev),
+               "precision": prec, "cache": not no_cache, **stats.to_dict()}
+        typer.echo(json.dumps(out, ensure_ascii=False))
+        return
+    if single:
+        sys.stdout.write("\n")
+    else:
+        for n, r in enumerate(results):
+            if n:
+                sys.stdout.write("\n\n")
+            sys.stdout.write(r.text)
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    err.print(
+        f"[dim]{stats.new_tokens} tokens, first after {1000 * stats.prefill_seconds:.0f} ms, "
+        f"{stats.decode_tokens_per_s:.1f} tokens/s ({dev} {prec}, {'no cache' if no_cache else 'KV cache'})"
+        + (f", window slid {stats.slides}x" if stats.slides else "") + "[/]"
+    )
