@@ -20,6 +20,7 @@ TRICKY = [
     "emoji 🤖🎉 and combining e\u0301 and zero\u200bwidth",
     "digits 1234567890 and 3.14159",
     "<|user|>hi<|end|><|assistant|>",
+    "a literal \u2581 lower-one-eighth block, \u2581\u2581 twice and at the end \u2581",
 ]
 
 
@@ -154,6 +155,28 @@ def test_missing_and_corrupt_tokenizer(cli, tmp_path):
 def test_decode_out_of_range_and_non_numeric_ids(shakespeare_tok, cli):
     _one_line_error(cli("tokenize", "decode", "-t", shakespeare_tok, "5", "2000"), "2000", "0..1999")
     _one_line_error(cli("tokenize", "decode", "-t", shakespeare_tok, "5", "x"), "'x'")
+
+
+def test_decode_rejects_a_negative_id(shakespeare_tok, cli):
+    _one_line_error(cli("tokenize", "decode", "-t", shakespeare_tok, "5", "-1"), "-1", "0..1999")
+
+
+def test_a_run_directory_names_its_tokenizer(shakespeare_tok, tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(shakespeare_tok.read_bytes())
+    assert load_tokenizer(tmp_path).sha256 == load_tokenizer(shakespeare_tok).sha256
+    with pytest.raises(TformerError, match="without tokenizer.model"):
+        load_tokenizer(tmp_path / "..")
+
+
+def test_a_file_without_line_breaks_is_read_in_bounded_chunks(tmp_path):
+    from tformer_cli.corpus import iter_text_chunks
+
+    text = "héllo wörld " * 5000  # no newline at all, with 2-byte characters to split around
+    path = tmp_path / "one_line.txt"
+    path.write_text(text, encoding="utf-8")
+    chunks = list(iter_text_chunks(path, chunk_bytes=256))
+    assert "".join(t for _, t in chunks) == text
+    assert len(chunks) > 1 and max(len(t.encode()) for _, t in chunks) <= 16 * 256 + 256
 
 
 def test_load_tokenizer_error_type(tmp_path):

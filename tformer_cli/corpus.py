@@ -14,6 +14,7 @@ from tformer_cli.errors import TformerError
 
 CORPUS_SUFFIXES = (".txt", ".jsonl")
 CHUNK_BYTES = 1 << 20
+LONG_LINE_CHUNKS = 16
 
 
 def resolve_corpus(paths: list[str | Path]) -> list[Path]:
@@ -47,24 +48,38 @@ def _decode(data: bytes, path: Path, offset: int) -> str:
         ) from None
 
 
-def iter_text_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, str]]:
-    """(byte offset, text) chunks of a .txt file, each ending at a line break (or the file's end)."""
+def iter_text_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[tuple[int, str]]:
+    """(byte offset, text) chunks of a .txt file of about chunk_bytes, each ending at a line break.
+
+    A line longer than LONG_LINE_CHUNKS chunks is cut at a character boundary instead, so memory
+    stays bounded even for a file without line breaks.
+    """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     offset, rest = 0, b""
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk_bytes)
-            if not block:
-                break
+        while block := f.read(chunk_bytes):
             data = rest + block
             cut = data.rfind(b"\n") + 1
-            if cut == 0:  # one very long line: keep reading
-                rest = data
-                continue
+            if cut == 0:
+                if len(data) < LONG_LINE_CHUNKS * chunk_bytes:
+                    rest = data  # a long line: keep reading
+                    continue
+                cut = _char_boundary(data)
             yield offset, _decode(data[:cut], path, offset)
             offset += cut
             rest = data[cut:]
     if rest:
         yield offset, _decode(rest, path, offset)
+
+
+def _char_boundary(data: bytes) -> int:
+    """The last position in data that does not split a UTF-8 character (0 if none)."""
+    cut = len(data)
+    while cut > max(0, len(data) - 4) and data[cut - 1] & 0xC0 == 0x80:  # continuation bytes
+        cut -= 1
+    if cut and data[cut - 1] >= 0xC0:  # a lead byte whose character is incomplete
+        cut -= 1
+    return cut or len(data)
 
 
 def iter_jsonl_texts(path: Path) -> Iterator[tuple[int, str]]:
@@ -89,9 +104,3 @@ def iter_documents(path: Path) -> Iterator[tuple[int, str]]:
     """(byte offset, text) pieces of one corpus file: line-aligned chunks of a .txt, records of a .jsonl."""
     return iter_jsonl_texts(path) if path.suffix == ".jsonl" else iter_text_chunks(path)
 
-
-def iter_lines(paths: list[Path]) -> Iterator[str]:
-    """Every line of the corpus, without its line break (what sentencepiece trains on)."""
-    for path in paths:
-        for _, text in iter_documents(path):
-            yield from text.splitlines()

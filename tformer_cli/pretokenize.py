@@ -13,16 +13,20 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
 from models.weights import atomic_write_text
 from tformer_cli.corpus import iter_documents, resolve_corpus
+from tformer_cli.errors import TformerError
 from tformer_cli.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
+SPLITS = ("train", "val")
+FLUSH_CHARS = 4 << 20  # text encoded per batch: a few chunks, so both cores get work
 Progress = Callable[[int, int], None]
 
 
@@ -40,7 +44,20 @@ class TokenData:
     corpus_sha256: str
 
     def path(self, split: str) -> Path:
+        """The token file of "train" or "val"."""
         return Path(self.directory) / f"{split}.bin"
+
+    @property
+    def train_path(self) -> Path:
+        return self.path("train")
+
+    @property
+    def val_path(self) -> Path:
+        return self.path("val")
+
+    @property
+    def meta_path(self) -> Path:
+        return Path(self.directory) / META_FILE
 
     def load(self, split: str) -> np.ndarray:
         """The tokens of "train" or "val", memory-mapped."""
@@ -51,6 +68,7 @@ class TokenData:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits in it, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
@@ -75,50 +93,66 @@ def pretokenize(
     num_threads: int | None = None,
     corpus_hash: str | None = None,
 ) -> TokenData:
-    """Tokenise the corpus into out_dir/{train,val}.bin + meta.json, a few MB at a time."""
+    """Tokenise the corpus into out_dir/{train,val}.bin + meta.json, a few MB at a time.
+
+    progress is called with (bytes done, total bytes). The token files are written under
+    temporary names and renamed at the end, meta.json last, so a finished directory is one
+    with a meta.json that matches its token files.
+    """
+    if not 0 <= val_fraction < 1:
+        raise TformerError(f"val_fraction must be in [0, 1), got {val_fraction}")
     files = resolve_corpus(paths)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     total = sum(p.stat().st_size for p in files)
-    counts = {"train": 0, "val": 0}
-    nbytes = {"train": 0, "val": 0}
-    tmp = {split: out / f".{split}.bin.tmp" for split in counts}
-    sinks = {split: open(tmp[split], "wb") for split in counts}
+    tmp = {split: out / f".{split}.bin.tmp" for split in SPLITS}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / META_FILE).unlink(missing_ok=True)  # a stale meta.json must not vouch for new files
+        sinks = {split: open(tmp[split], "wb") for split in SPLITS}
+    except OSError as e:
+        raise TformerError(f"{out}: cannot write token files there ({e.strerror})") from None
+    pending = _Pending(tokenizer, sinks, dtype, num_threads)
     done = 0
     try:
         for path in files:
             size = path.stat().st_size
             split_at = int(size * (1 - val_fraction))
-            batch: list[tuple[str, str | int]] = []
-            seen = set()
+            started: set[str] = set()
             for offset, text in iter_documents(path):
                 if path.suffix == ".jsonl":  # a record is a document: it goes whole to one split
                     split = "val" if offset >= split_at else "train"
-                    batch += [(split, tokenizer.bos_id), (split, text), (split, tokenizer.eos_id)]
-                else:
+                    pending.add(split, tokenizer.bos_id, text, tokenizer.eos_id)
+                else:  # the file is one document per split it reaches: BOS ... EOS in each
                     for split, piece in _split_piece(offset, text, split_at):
-                        if split not in seen:
-                            batch.append((split, tokenizer.bos_id))
-                            seen.add(split)
-                        batch.append((split, piece))
-                if sum(len(t) for _, t in batch if isinstance(t, str)) >= 4 << 20:
-                    _flush(batch, tokenizer, sinks, counts, nbytes, dtype, num_threads)
+                        if split not in started:
+                            started.add(split)
+                            pending.add(split, tokenizer.bos_id)
+                        pending.add(split, piece)
+                if pending.chars >= FLUSH_CHARS:
+                    pending.flush()
                 if progress:
                     progress(done + offset, total)
-            batch += [(split, tokenizer.eos_id) for split in ("train", "val") if split in seen]
-            _flush(batch, tokenizer, sinks, counts, nbytes, dtype, num_threads)
+            for split in SPLITS:
+                if split in started:
+                    pending.add(split, tokenizer.eos_id)
+            pending.flush()
             done += size
             if progress:
                 progress(done, total)
+    except BaseException:  # failed or interrupted: leave nothing half-written behind
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
     finally:
         for f in sinks.values():
             f.close()
-    for split in counts:
+    for split in SPLITS:
         os.replace(tmp[split], out / f"{split}.bin")
     data = TokenData(
-        directory=str(out), dtype=dtype.name, train_tokens=counts["train"], val_tokens=counts["val"],
-        train_bytes=nbytes["train"], val_bytes=nbytes["val"], tokenizer_sha256=tokenizer.sha256,
+        directory=str(out), dtype=dtype.name, train_tokens=pending.tokens["train"],
+        val_tokens=pending.tokens["val"], train_bytes=pending.bytes["train"],
+        val_bytes=pending.bytes["val"], tokenizer_sha256=tokenizer.sha256,
         corpus_sha256=corpus_hash or corpus_sha256(files),
     )
     meta = {"format_version": FORMAT_VERSION, **asdict(data), "files": [str(p) for p in files],
@@ -139,19 +173,39 @@ def _split_piece(offset: int, text: str, split_at: int) -> list[tuple[str, str]]
     return [(s, t) for s, t in (("train", head), ("val", tail)) if t]
 
 
-def _flush(batch, tokenizer, sinks, counts, nbytes, dtype, num_threads) -> None:
-    """Encode the pending (split, text or token id) pieces and append them to their split."""
-    texts = [t for _, t in batch if isinstance(t, str)]
-    encoded = iter(tokenizer.encode_batch(texts, num_threads) if texts else [])
-    for split, item in batch:
-        if isinstance(item, str):
-            ids = next(encoded)
-            nbytes[split] += len(item.encode("utf-8"))
-        else:
-            ids = [item]
-        np.asarray(ids, dtype=dtype).tofile(sinks[split])
-        counts[split] += len(ids)
-    batch.clear()
+class _Pending:
+    """Texts and special ids waiting to be encoded in one batch and appended to their split."""
+
+    def __init__(self, tokenizer: Tokenizer, sinks, dtype: np.dtype, num_threads: int | None):
+        self.tokenizer, self.sinks, self.dtype, self.num_threads = tokenizer, sinks, dtype, num_threads
+        self.items: list[tuple[str, str | int]] = []
+        self.chars = 0
+        self.tokens = dict.fromkeys(SPLITS, 0)
+        self.bytes = dict.fromkeys(SPLITS, 0)
+
+    def add(self, split: str, *items: str | int) -> None:
+        for item in items:
+            self.items.append((split, item))
+            if isinstance(item, str):
+                self.chars += len(item)
+
+    def flush(self) -> None:
+        texts = [t for _, t in self.items if isinstance(t, str)]
+        # One batch on all threads: sentencepiece encodes the texts of a list in parallel.
+        encoded = iter(self.tokenizer.encode_batch(texts, self.num_threads) if texts else [])
+        runs: dict[str, list] = {split: [] for split in SPLITS}
+        for split, item in self.items:
+            if isinstance(item, str):
+                runs[split].append(next(encoded))
+                self.bytes[split] += len(item.encode("utf-8"))
+            else:
+                runs[split].append([item])
+        for split, run in runs.items():
+            ids = np.fromiter(chain.from_iterable(run), dtype=self.dtype)
+            ids.tofile(self.sinks[split])
+            self.tokens[split] += len(ids)
+        self.items.clear()
+        self.chars = 0
 
 
 def default_cache_dir() -> Path:

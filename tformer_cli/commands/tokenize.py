@@ -8,7 +8,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -19,6 +26,7 @@ from tformer_cli.tokenizer import load_tokenizer, train_tokenizer
 app = typer.Typer(no_args_is_help=True, help="Train, inspect and apply sentencepiece tokenizers.")
 
 _STYLES = ("on grey23", "on dark_blue", "on dark_green", "on dark_red", "on purple4")
+_VISIBLE = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})  # so every piece has a width
 
 
 @app.command("train")
@@ -31,9 +39,18 @@ def train(
     max_sentences: int = typer.Option(2_000_000, "--max-sentences", help="Sample at most this many lines (bounds memory)."),
 ) -> None:
     """Train a tokenizer on a corpus (byte fallback, split digits, exact whitespace, chat markers)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     err = Console(stderr=True)
-    with err.status("training the tokenizer ..."):
-        summary = train_tokenizer(corpus, output, vocab_size, model_type, character_coverage, max_sentences)
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("reading corpus", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            # sentencepiece reads (and samples) the whole corpus first, then trains without reporting
+            label = "training" if done >= total else "reading corpus"
+            bar.update(task, description=label, completed=done, total=total)
+
+        summary = train_tokenizer(corpus, output, vocab_size, model_type, character_coverage,
+                                  max_sentences, progress=on_progress)
     table = Table(title=f"tokenizer: {summary.path}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -46,7 +63,17 @@ def train(
 
 
 def _read_text(text: str | None) -> str:
-    return sys.stdin.read() if text is None else text
+    """TEXT as given, else all of stdin (as UTF-8, exactly: no newline translation)."""
+    if text is not None:
+        return text
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream (as in tests): already decoded
+        return sys.stdin.read()
+    data = raw.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TformerError(f"stdin: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 @app.command("encode")
@@ -69,27 +96,33 @@ def encode(
         return
     shown = Text()
     for n, piece in enumerate(pieces):
-        shown.append(piece.replace("\n", "\\n"), style=_STYLES[n % len(_STYLES)])
+        shown.append(piece.translate(_VISIBLE), style=_STYLES[n % len(_STYLES)])
     console = Console()
     console.print(shown)
     console.print(" ".join(map(str, ids)), style="dim")
     console.print(f"{len(ids)} tokens, {len(text)} characters", style="dim")
 
 
-@app.command("decode")
+def _token_id(word: str) -> int:
+    try:
+        return int(word)
+    except ValueError:
+        raise TformerError(f"decode: {word!r} is not a token id; give integers") from None
+
+
+# ignore_unknown_options: a negative id such as -1 is an id to reject, not an unknown option.
+@app.command("decode", context_settings={"ignore_unknown_options": True})
 def decode(
     ids: list[str] = typer.Argument(None, help="Token ids (stdin when omitted)."),
     tokenizer: Path = typer.Option(..., "-t", "--tokenizer", help="The tokenizer .model file."),
 ) -> None:
-    """Turn token ids back into text."""
+    """Turn token ids back into text, exactly (`encode --ids | decode` gives the text back)."""
     tok = load_tokenizer(tokenizer)
     words = ids if ids else sys.stdin.read().split()
-    try:
-        numbers = [int(w) for w in words]
-    except ValueError:
-        bad = next(w for w in words if not w.lstrip("-").isdigit())
-        raise TformerError(f"decode: {bad!r} is not a token id; give integers") from None
-    sys.stdout.write(tok.decode(numbers))
+    text = tok.decode([_token_id(w) for w in words])
+    if sys.stdout.isatty() and not text.endswith("\n"):
+        text += "\n"  # only for the terminal's prompt; a pipe gets the text exactly
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 
@@ -105,7 +138,8 @@ def corpus(
         raise TformerError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     tok = load_tokenizer(tokenizer)
     err = Console(stderr=True)
-    with Progress(TextColumn("tokenising"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err) as bar:
+    columns = (TextColumn("tokenising"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("tokenise", total=None)
         data = pretokenize(corpus, tok, output, val_fraction,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))
