@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_run import make_run, make_tokenizer
+from helpers_run import make_run, shared_tokenizer
 
 from models import load_model
 from tformer_cli.chat_session import ChatSession
 from tformer_cli.chat_template import encode_chat, encode_chat_with_mask, plain_transcript
+from tformer_cli.commands.chat import _ReplyPrinter
+from tformer_cli.generation import generate
 from tformer_cli.sampling import SamplingConfig
 from tformer_cli.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok_path(shared_data, tmp_path_factory):
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:100_000]
-    return make_tokenizer(text, tmp_path_factory.mktemp("chat") / "tok.model", vocab_size=500)
+def tok_path(shared_data):
+    return shared_tokenizer(500)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,68 @@ def test_piped_chat_prints_two_replies_and_exits_0(chat_run, cli):
     res = cli("chat", "-m", chat_run, "--seed", "0", "-n", "10", stdin="Hello\nWho are you?\n")
     assert res.exit_code == 0, res.stderr
     assert "chat markers" in res.stderr
-    assert res.stdout.count("\n") >= 2
+    assert len(res.stdout.splitlines()) == 2 and res.stdout.endswith("\n")  # one line per reply
+
+
+def test_piped_replies_are_the_sessions_greedy_replies(chat_run, cli):
+    model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
+    session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=15)
+    expected = [session.reply("Hello"), session.reply("Who are you?")]
+    res = cli("chat", "-m", chat_run, "--temperature", "0", "-n", "15", stdin="Hello\nWho are you?\n")
+    assert res.stdout.splitlines() == [e.strip().replace("\n", "\\n") for e in expected]
+
+
+def test_a_reply_is_the_greedy_continuation_of_the_template(chat_run):
+    model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
+    session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=15, system="Be kind.")
+    reply = session.reply("Hello")
+    prompt = encode_chat(tok, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}])
+    (ref,), _ = generate(model, tok, [prompt], SamplingConfig(temperature=0), 15)
+    assert reply == ref.text
+    assert session.messages == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ref.text}]
+
+
+def test_plain_mode_continues_a_transcript(chat_run):
+    model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
+    session = ChatSession(model, tok, "plain", SamplingConfig(temperature=0), max_new_tokens=15, system="S")
+    session.messages = [{"role": "user", "content": "Hi"}]
+    assert session.prompt_ids() == [tok.bos_id, *tok.encode("S\nUser: Hi\nAssistant:")]
+
+
+def test_an_interrupted_reply_leaves_no_trace(chat_run):
+    model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
+    session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=30)
+    session.reply("Hello")
+    before = [dict(m) for m in session.messages]
+    pieces = []
+
+    def ctrl_c(text):
+        pieces.append(text)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.reply("Tell me more", ctrl_c)
+    assert session.messages == before and session.cached == []  # the next turn prefills afresh
+    session.max_new_tokens = model.config.max_seq_len  # this turn must drop the first one to fit ...
+    with pytest.raises(KeyboardInterrupt):
+        session.reply("x " * 100, ctrl_c)
+    assert session.messages == before and session.dropped_turns == 0  # ... but was interrupted
+    session.max_new_tokens = 30
+    session.reply("Tell me more")
+    assert session.last.reused_tokens == 0
+
+
+def test_reply_printer_trims_and_keeps_one_line_per_reply(capsys):
+    printer = _ReplyPrinter(one_line=True)
+    for piece in ["  ", "\n Hello", " there", "\n", "second line", "  \n"]:
+        printer(piece)
+    printer.end()
+    assert capsys.readouterr().out == "Hello there\\nsecond line\n"
+    terminal = _ReplyPrinter(one_line=False)
+    for piece in ["Hi", "\n", "you"]:
+        terminal(piece)
+    terminal.end()
+    assert capsys.readouterr().out == "Hi\nyou\n"
 
 
 def test_base_model_chats_in_plain_mode(tok_path, tmp_path, cli):
@@ -108,3 +170,12 @@ def test_slash_commands_save_load_set_reset(chat_run, cli, tmp_path):
 def test_bad_set_value_in_a_pipe_is_an_error(chat_run, cli):
     res = cli("chat", "-m", chat_run, stdin="/set top_p 7\n")
     assert res.exit_code == 1 and "--top-p" in res.stderr
+
+
+def test_load_errors_are_one_line(chat_run, cli, tmp_path):
+    res = cli("chat", "-m", chat_run, stdin=f"/load {tmp_path / 'missing.json'}\n")
+    assert res.exit_code == 1 and "no such transcript" in res.stderr and "Traceback" not in res.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    res = cli("chat", "-m", chat_run, stdin=f"/load {bad}\n")
+    assert res.exit_code == 1 and "not a tformer chat transcript" in res.stderr

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from helpers_run import make_run, make_tokenizer
+from helpers_run import make_run, shared_tokenizer
 
-from models import load_model
+from models import Transformer, get_preset, load_model
+from tformer_cli.decode_step import DecodeStep, decode_step_for, prepare_for_inference
 from tformer_cli.generation import StreamDecoder, generate
 from tformer_cli.sampling import SamplingConfig
 from tformer_cli.tokenizer import load_tokenizer
@@ -17,9 +18,8 @@ GREEDY = SamplingConfig(temperature=0)
 
 
 @pytest.fixture(scope="module")
-def tok_path(shared_data, tmp_path_factory):
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:100_000]
-    return make_tokenizer(text, tmp_path_factory.mktemp("gen") / "tok.model", vocab_size=500)
+def tok_path(shared_data):
+    return shared_tokenizer(500)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,11 @@ def test_batched_rows_equal_their_unbatched_greedy_outputs(loaded):
     assert [c.ids for c in no_cache] == alone
 
 
-def test_1200_tokens_past_a_256_token_window(loaded, run):
-    model, _ = loaded
-    tok = load_tokenizer(run / "tokenizer.model")
-    tok.eos_id, tok.marker_ids = -1, {}  # a random model may pick EOS; here nothing may end the text
+def test_1200_tokens_past_a_256_token_window(loaded):
+    model, tok = loaded
     assert model.config.max_seq_len == 256
-    (out,), stats = generate(model, tok, [ids(tok, "KING:")], SamplingConfig(temperature=1.0), 1200, seed=0)
+    # a random model may pick EOS; here nothing may end the text
+    (out,), stats = generate(model, tok, [ids(tok, "KING:")], SamplingConfig(temperature=1.0), 1200, seed=0, eos_ids=())
     assert len(out.ids) == 1200 and out.finish == "length"
     assert stats.slides == 8  # 1203 tokens through a 256 window that keeps 128 at each slide
 
@@ -106,6 +105,125 @@ def test_stream_decoder_holds_back_partial_characters_and_stops(loaded):
     pieces = [dec.push(t) for t in tok.encode("abc EN")]
     assert "".join(pieces) == "abc "  # "EN" might begin the stop string
     assert "".join(dec.push(t) for t in tok.encode("D more")) == "" and dec.stopped and dec.text == "abc "
+
+
+def test_stream_pieces_add_up_to_the_decoded_text(loaded):
+    _, tok = loaded
+    text = "Où est le café? Ça va: naïve façade, 東京 and 🤖 robots.\nSecond  line,  double spaces."
+    ids = tok.encode(text)
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(t) for t in ids] + [dec.finish()]
+    assert "".join(pieces) == tok.decode(ids) == dec.text
+    assert sum(bool(p) for p in pieces) > len(text.split()) // 2  # it streamed, not all at the end
+
+
+# -- the fused decode step -----------------------------------------------------------------------
+
+VARIANTS = {
+    "llama": {},
+    "gpt": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True),
+    "sinusoidal": dict(pos="sinusoidal"),
+    "gqa": dict(n_kv_heads=2),
+    "untied": dict(tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["copy", "prepared"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_step_matches_the_model_on_a_padded_batch(variant, prepared):
+    torch.manual_seed(0)
+    model = Transformer(get_preset("nano", vocab_size=300, max_seq_len=32, **VARIANTS[variant])).eval()
+    if prepared:
+        prepare_for_inference(model)
+    step = decode_step_for(model)
+    assert isinstance(step, DecodeStep)
+    idx = torch.randint(0, 300, (2, 10))
+    pads = torch.tensor([0, 3])
+    pos = (torch.arange(10)[None] - pads[:, None]).clamp(min=0)
+    key_mask = torch.arange(32)[None] >= pads[:, None]
+    tokens = torch.tensor([[3, 7], [11, 5]])  # two decoding steps
+    with torch.inference_mode():
+        ours, ref = model.new_cache(2), model.new_cache(2)
+        model.hidden(idx, cache=ours, pos=pos, key_mask=key_mask)
+        model.hidden(idx, cache=ref, pos=pos, key_mask=key_mask)
+        for n, tok in enumerate(tokens):
+            slot = 10 + n
+            got = step(tok, ours, slot, slot - pads, key_mask)
+            want = model(tok[:, None], cache=ref, start=slot, pos=(slot - pads)[:, None], key_mask=key_mask)[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.k[:, :, :, :12], ref.k[:, :, :, :12], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.v[:, :, :, :12], ref.v[:, :, :, :12], atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_model_shares_its_weights_and_computes_the_same():
+    torch.manual_seed(0)
+    model = Transformer(get_preset("nano", vocab_size=300)).eval()
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        before = model(x)
+        prepare_for_inference(model)
+        after = model(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    step = decode_step_for(model)
+    assert step is decode_step_for(model)  # built once, reused by every call
+    fused = step.layers[0].qkv.storage
+    assert fused.data_ptr() < model.layers[0].attn.wk.weight.data_ptr() < fused.data_ptr() + fused.nbytes
+    assert model.tok_emb.weight.data_ptr() == step.head.storage.data_ptr()  # tied: one copy of the embedding
+
+
+def test_models_the_fused_step_does_not_cover_fall_back_to_the_plain_forward(loaded):
+    model, tok = loaded
+    prompt = ids(tok, "Good morrow")
+    (fast,), _ = generate(model, tok, [prompt], GREEDY, 20)
+    model.layers[0].attn.impl = "math"  # the reference attention: not what the fused step computes
+    try:
+        assert decode_step_for(model) is None
+        (slow,), _ = generate(model, tok, [prompt], GREEDY, 20)
+    finally:
+        model.layers[0].attn.impl = "sdpa"
+    assert slow.ids == fast.ids
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+def test_rows_that_end_early_leave_the_other_rows_unchanged(tok_path, tmp_path):
+    run = make_run(tmp_path / "r", tok_path, seed=4, max_seq_len=40)  # short window: rows slide too
+    model, tok = load_model(run), load_tokenizer(run / "tokenizer.model")
+    prompts = [ids(tok, "Hi"), ids(tok, "What light through yonder window breaks"), ids(tok, "Good")]
+    (free,), _ = generate(model, tok, prompts[:1], GREEDY, 60, eos_ids=())
+    eos = (free.ids[7],)  # row 0 will end at its 8th token (or before)
+    alone = [generate(model, tok, [p], GREEDY, 60, eos_ids=eos)[0][0] for p in prompts]
+    assert alone[0].finish == "eos" and len(alone[0].ids) <= 7
+    for use_cache in (True, False):
+        batched, stats = generate(model, tok, prompts, GREEDY, 60, eos_ids=eos, use_cache=use_cache)
+        assert [c.ids for c in batched] == [c.ids for c in alone]
+        assert [c.finish for c in batched] == [c.finish for c in alone]
+        assert stats.slides >= 1
+
+
+def test_ids_the_tokenizer_lacks_are_never_sampled(tok_path):
+    tok = load_tokenizer(tok_path)
+    torch.manual_seed(0)
+    model = Transformer(get_preset("nano", vocab_size=tok.vocab_size + 64, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.head.weight[: tok.vocab_size] = 0.0  # every id the tokenizer knows scores 0 ...
+        model.head.weight[tok.vocab_size :] *= 1e4  # ... and the padding ids score far from it
+    for sampling in (GREEDY, SamplingConfig(temperature=1.0)):
+        (out,), _ = generate(model, tok, [[tok.bos_id]], sampling, 20, seed=0, eos_ids=())
+        assert len(out.ids) == 20 and max(out.ids) < tok.vocab_size
+
+
+def test_a_chat_cache_is_reused_and_holds_the_context(loaded):
+    model, tok = loaded
+    prompt = ids(tok, "Now is the winter of our discontent")
+    (whole,), _ = generate(model, tok, [prompt], GREEDY, 12, eos_ids=())
+    cache = model.new_cache(1)
+    (first,), _ = generate(model, tok, [prompt[:5]], GREEDY, 1, cache=cache, eos_ids=())
+    assert first.context == prompt[:5]  # the sampled token was never fed back in
+    (rest,), _ = generate(model, tok, [prompt], GREEDY, 12, cache=cache, reuse=5, eos_ids=())
+    assert rest.ids == whole.ids
+    assert rest.context == prompt + whole.ids[:-1]
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ class ChatSession:
         budget = max(1, window - min(self.max_new_tokens, window // 2))
         ids = self.prompt_ids()
         while len(ids) > budget and len(self.messages) > 1:
-            self.messages = self.messages[2:] if self.messages[0]["role"] == "user" and len(self.messages) > 2 else self.messages[1:]
+            pair = self.messages[0]["role"] == "user" and len(self.messages) > 2
+            self.messages = self.messages[2:] if pair else self.messages[1:]  # a user turn and its reply
             self.dropped_turns += 1
             ids = self.prompt_ids()
         if len(ids) > budget:  # one message alone is too long: keep its end
@@ -80,22 +81,22 @@ class ChatSession:
 
     def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn and generate the assistant's reply (streamed through on_text)."""
-        self.messages.append({"role": "user", "content": user_text})
-        try:
-            return self._respond(on_text)
-        except BaseException:
-            self.messages.pop()  # an interrupted turn leaves no trace
-            raise
+        return self._turn_with([*self.messages, {"role": "user", "content": user_text}], on_text)
 
     def regenerate(self, on_text: Callable[[str], None] | None = None) -> str:
         """A new reply to the last user turn."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise TformerError("nothing to regenerate yet")
-        removed = self.messages.pop()
+        return self._turn_with(self.messages[:-1], on_text)
+
+    def _turn_with(self, messages: list[dict[str, str]], on_text: Callable[[str], None] | None) -> str:
+        """Reply to messages; an interrupted or failed turn leaves the conversation as it was."""
+        saved = self.messages, self.dropped_turns
+        self.messages = messages
         try:
             return self._respond(on_text)
         except BaseException:
-            self.messages.append(removed)
+            self.messages, self.dropped_turns = saved
             raise
 
     def _respond(self, on_text: Callable[[str], None] | None) -> str:
@@ -126,8 +127,12 @@ class ChatSession:
     # -- transcripts -----------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
+        """Write the transcript as JSON: {"system": ..., "messages": [{"role", "content"}, ...]}."""
         data = {"system": self.system, "messages": self.messages}
-        Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise TformerError(f"{path}: cannot write the transcript ({e.strerror})") from None
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
@@ -138,6 +143,8 @@ class ChatSession:
                 raise ValueError
         except FileNotFoundError:
             raise TformerError(f"{path}: no such transcript") from None
+        except OSError as e:
+            raise TformerError(f"{path}: cannot read the transcript ({e.strerror})") from None
         except (ValueError, KeyError, TypeError):
             raise TformerError(f"{path}: not a tformer chat transcript (JSON with \"messages\")") from None
         self.system, self.messages, self.cached = data.get("system"), messages, []

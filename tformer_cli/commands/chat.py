@@ -28,7 +28,7 @@ _SETTABLE = {
 }
 
 
-def _command(session: ChatSession, line: str, out: Console, err: Console, stream) -> bool:
+def _command(session: ChatSession, line: str, err: Console, stream: _ReplyPrinter) -> bool:
     """Run a slash command; False means exit."""
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
@@ -44,21 +44,23 @@ def _command(session: ChatSession, line: str, out: Console, err: Console, stream
         err.print(f"[dim]system prompt {'set' if arg else 'cleared'}[/]")
     elif name == "set":
         key, _, value = arg.partition(" ")
+        key, value = key.replace("-", "_"), value.strip()
         if key not in _SETTABLE or not value:
             raise TformerError(f"/set NAME VALUE with NAME one of {', '.join(_SETTABLE)}")
         try:
             parsed = _SETTABLE[key](value)
         except ValueError:
             raise TformerError(f"/set {key}: {value!r} is not a {_SETTABLE[key].__name__}") from None
+        if key == "max_new_tokens" and parsed < 1:
+            raise TformerError("/set max_new_tokens: must be at least 1")
         if key in ("max_new_tokens", "seed"):
             setattr(session, key, parsed)
         else:
-            trial = SamplingConfig(**{**session.sampling.__dict__, key: parsed}).validate()
-            session.sampling = trial
+            session.sampling = session.sampling.replace(**{key: parsed})
         err.print(f"[dim]{key} = {parsed}[/]")
     elif name == "regen":
         session.regenerate(stream)
-        out.print()
+        stream.end()
         _report(session, err)
     elif name == "stats":
         ctx = len(session.cached)
@@ -70,6 +72,8 @@ def _command(session: ChatSession, line: str, out: Console, err: Console, stream
         session.save(arg or "chat.json")
         err.print(f"[dim]saved {arg or 'chat.json'}[/]")
     elif name == "load":
+        if not arg:
+            raise TformerError("/load FILE: name the transcript to load")
         session.load(arg)
         err.print(f"[dim]loaded {len(session.messages)} messages from {arg}[/]")
     else:
@@ -85,33 +89,64 @@ def _report(session: ChatSession, err: Console) -> None:
                   f"{1000 * g.prefill_seconds:.0f} ms ({s.prefilled_tokens} prefilled, {s.reused_tokens} reused from cache)[/]")
 
 
+class _ReplyPrinter:
+    """Streams a reply to stdout without its leading and trailing whitespace.
+
+    From a pipe every reply is one line: its line breaks are written as the two characters \\n.
+    """
+
+    def __init__(self, one_line: bool):
+        self.one_line = one_line
+        self.started = False
+        self.held = ""  # whitespace that only gets printed if more text follows
+
+    def __call__(self, piece: str) -> None:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return
+            self.started = True
+        text = self.held + piece
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        if body:
+            sys.stdout.write(body.replace("\n", "\\n") if self.one_line else body)
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.started, self.held = False, ""
+
+
 def chat(
     model_dir: Path = typer.Option(..., "-m", "--model", help="The run directory."),
     system: str = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(256, "-n", "--max-new-tokens", help="Longest reply in tokens."),
     temperature: float = typer.Option(0.7, "--temperature", help="0 is greedy."),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    min_p: float = typer.Option(0.0, "--min-p"),
-    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty"),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Keep the smallest set with this much probability (1: off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="Penalise tokens already in the context (1: off)."),
     seed: int = typer.Option(None, "--seed", help="The same seed gives the same replies."),
-    device: str = typer.Option("auto", "--device"),
-    precision: str = typer.Option("auto", "--precision"),
-    compile_model: bool = typer.Option(False, "--compile"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the prefill (slow to start; for GPUs)."),
 ) -> None:
-    """Chat with a model. On a terminal: line editing, history, /help. From a pipe: one turn per line, replies on stdout."""
+    """Chat with a model. On a terminal: line editing, history, /help. From a pipe: one turn per line, one reply per line on stdout."""
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
+    if max_new_tokens < 1:
+        raise TformerError("-n/--max-new-tokens must be at least 1")
     run, dev, prec = load_for_inference(model_dir, device, precision, compile_model)
     mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
     session = ChatSession(run.model, run.tokenizer, mode, sampling, max_new_tokens, system, seed)
     interactive = sys.stdin.isatty()
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
-    what = "chat markers (fine-tuned for chat)" if mode == "chat" else "plain transcript (a base model: it continues \"User: ... Assistant:\")"
-    err.print(f"[dim]{run.path}: {what}; {dev} {prec}. /help for commands.[/]")
-
-    def stream(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    what = ("chat markers (fine-tuned for chat)" if mode == "chat"
+            else "plain transcript (a base model: it continues \"User: ... Assistant:\")")
+    hint = " /help for commands, Ctrl-D to leave." if interactive else ""
+    err.print(f"[dim]{run.path}: {what}; {dev} {prec}, context {run.config.max_seq_len} tokens.{hint}[/]")
+    stream = _ReplyPrinter(one_line=not interactive)
 
     if interactive:
         import readline  # noqa: F401 - gives input() line editing and history
@@ -120,10 +155,13 @@ def chat(
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             if interactive:
                 err.print()
             break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
+            err.print()
+            continue
         if not interactive and line == "":
             break  # end of the piped input
         line = line.strip()
@@ -131,12 +169,11 @@ def chat(
             continue
         try:
             if line.startswith("/"):
-                if not _command(session, line, out, err, stream):
+                if not _command(session, line, err, stream):
                     break
                 continue
             session.reply(line, stream)
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+            stream.end()
             if interactive:
                 _report(session, err)
             if session.dropped_turns and not told_dropped:
@@ -144,7 +181,7 @@ def chat(
                           "(the system prompt is kept)[/]")
                 told_dropped = True
         except KeyboardInterrupt:
-            sys.stdout.write("\n")
+            stream.end()
             err.print("[dim]reply stopped[/]")
             if not interactive:
                 raise typer.Exit(130) from None

@@ -10,6 +10,7 @@ import torch
 import typer
 from rich.console import Console
 
+from tformer_cli.decode_step import prepare_for_inference
 from tformer_cli.device import DTYPES, resolve_device, resolve_precision
 from tformer_cli.errors import TformerError
 from tformer_cli.generation import generate as run_generation
@@ -18,13 +19,24 @@ from tformer_cli.sampling import SamplingConfig
 
 
 def load_for_inference(model_dir: Path, device: str, precision: str, compile_model: bool):
-    """The run on the chosen device, its weights cast to the chosen precision."""
+    """The run on the chosen device, its weights cast (not autocast) to the chosen precision."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     run = load_run(model_dir, device=dev, dtype=DTYPES[prec])
+    prepare_for_inference(run.model)
     if compile_model:
-        run.model = torch.compile(run.model)  # type: ignore[assignment]
+        # prefill and --no-cache go through model.hidden; the fused decode step stays eager
+        # (compiled, it re-specialises on every cache slot and ran slower on a CPU)
+        run.model.hidden = torch.compile(run.model.hidden, dynamic=True)
     return run, dev, prec
+
+
+def _read_stdin(err: Console) -> str:
+    """The prompt from stdin, without the one newline `echo` adds."""
+    if sys.stdin.isatty():
+        err.print("[dim]no -p/--prompt: type the prompt, then Ctrl-D[/]")
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text
 
 
 def prompt_ids(run, text: str, err: Console) -> list[int]:
@@ -47,13 +59,13 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Keep the smallest set with this much probability (1: off)."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalise tokens already seen (1: off)."),
-    stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable)."),
+    stop: list[str] = typer.Option(None, "--stop", help="End the text before this string (repeatable)."),
     seed: int = typer.Option(None, "--seed", help="The same seed gives the same text."),
     num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt, generated as one batch."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context each step (slow; for comparison)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the prefill (slow to start; for GPUs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, token counts and timings."),
 ) -> None:
     """Continue a prompt. Only the generated text goes to stdout, so it composes in pipes."""
@@ -62,7 +74,7 @@ def generate(
         raise TformerError("-n/--max-new-tokens and --num-samples must be at least 1")
     err = Console(stderr=True, soft_wrap=True)
     run, dev, prec = load_for_inference(model_dir, device, precision, compile_model)
-    texts = list(prompt) if prompt else [sys.stdin.read()]
+    texts = list(prompt) if prompt else [_read_stdin(err)]
     batch = [t for t in texts for _ in range(num_samples)]
     ids = [prompt_ids(run, t, err) for t in batch]
     single = len(batch) == 1 and not as_json
@@ -71,10 +83,16 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    results, stats = run_generation(
-        run.model, run.tokenizer, ids, sampling, max_new_tokens, stops=tuple(stop or ()),
-        use_cache=not no_cache, seed=seed, on_text=stream if single else None,
-    )
+    try:
+        results, stats = run_generation(
+            run.model, run.tokenizer, ids, sampling, max_new_tokens, stops=tuple(stop or ()),
+            use_cache=not no_cache, seed=seed, on_text=stream if single else None,
+        )
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        err.print("[dim]stopped[/]")
+        raise typer.Exit(130) from None
     if as_json:
         rows = [
             {"prompt": p, "text": r.text, "finish": r.finish, "prompt_tokens": len(r.prompt_ids), "new_tokens": len(r.ids)}
@@ -94,7 +112,8 @@ def generate(
         sys.stdout.write("\n")
     sys.stdout.flush()
     err.print(
-        f"[dim]{stats.new_tokens} tokens, first after {1000 * stats.prefill_seconds:.0f} ms, "
+        f"[dim]{stats.new_tokens} tokens, first after {1000 * stats.prefill_seconds:.0f} ms "
+        f"({stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_s:,.0f}/s), "
         f"{stats.decode_tokens_per_s:.1f} tokens/s ({dev} {prec}, {'no cache' if no_cache else 'KV cache'})"
         + (f", window slid {stats.slides}x" if stats.slides else "") + "[/]"
     )
