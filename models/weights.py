@@ -24,12 +24,19 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, foreign or does not match its config."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call write(tmp_path) for a temporary file beside path, then rename it over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; saved files should not be
     try:
         write(tmp)
         with open(tmp, "rb") as f:

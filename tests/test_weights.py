@@ -106,3 +106,16 @@ def test_unknown_config_field_is_named(tmp_path):
 def test_missing_directory_says_what_to_check(tmp_path):
     with pytest.raises(CheckpointError, match="tformer run directory"):
         load_model(tmp_path / "nope")
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from models.weights import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.json", "{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0o600

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from tformer_cli import __version__
-from tformer_cli.commands import chat, generate, info, tokenize, train
+from tformer_cli.commands import chat, finetune, generate, info, tokenize, train
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.add_typer(tokenize.app, name="tokenize")
 app.command("train")(train.train)
 app.command("generate")(generate.generate)
 app.command("chat")(chat.chat)
+app.command("finetune")(finetune.finetune)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

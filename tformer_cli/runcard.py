@@ -28,6 +28,11 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
 
 
+def _bpb(value: float | None) -> str:
+    # fine-tuning evaluates assistant tokens only, which have no bytes-of-text measure
+    return "" if value is None else f" ({value:.3f} bits/byte)"
+
+
 def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of the card, in display order."""
     m = card["model"]
@@ -39,8 +44,8 @@ def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
         ("device", f"{card['device']} {card['precision']}" + (f" x{card['world_size']}" if card["world_size"] > 1 else "")),
         ("steps", f"{card['steps']:,} x {card['batch_size']} x {card['seq_len']} tokens" + (" (interrupted)" if card["interrupted"] else "")),
         ("tokens seen", f"{card['tokens_seen']:,}"),
-        ("best val loss", f"{_num(card['best_val_loss'])} ({_num(card['best_val_bpb'], '{:.3f}')} bits/byte) at step {card['best_step']}"),
-        ("final val loss", f"{_num(card['final_val_loss'])} ({_num(card['final_val_bpb'], '{:.3f}')} bits/byte)"),
+        ("best val loss", f"{_num(card['best_val_loss'])}{_bpb(card['best_val_bpb'])} at step {card['best_step']}"),
+        ("final val loss", f"{_num(card['final_val_loss'])}{_bpb(card['final_val_bpb'])}"),
         ("throughput", f"{card['tokens_per_s']:,.0f} tokens/s"),
         ("MFU", "-" if mfu is None else f"{100 * mfu:.1f}% of {card['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s measured matmul peak"),
         ("peak memory", _bytes(card["peak_memory_bytes"])),

@@ -84,6 +84,22 @@ class RunState:
         return cls(**known)
 
 
+@dataclass
+class LoopSpec:
+    """What the loop trains and how it saves: pretraining and fine-tuning differ only here."""
+
+    model_cfg: ModelConfig
+    build_model: Callable[[], torch.nn.Module]  # called after seeding; trainable parameters require grad
+    train_batches: Any  # .batch(step, batch_size, rows) -> (x, y), y = IGNORE where no loss
+    val_batches: Any
+    seq_len: int
+    save_weights: Callable[[dict[str, torch.Tensor], Path, dict[str, Any]], None]  # the inference files
+    info: dict[str, Any]  # extra config.json fields
+    bytes_per_token: float | None = None  # for bits per byte; None where it means nothing
+    label: str | None = None  # what the run card calls the model (default: the preset)
+    started: float = field(default_factory=time.perf_counter)  # when the command began: --time counts from here
+
+
 def _noop(kind: str, data: dict[str, Any]) -> None:
     pass
 
@@ -220,6 +236,7 @@ def train(
     sampler: Sampler | None = None,
 ) -> dict[str, Any]:
     """Train a model on the corpus into run_dir; returns the run card (also saved as run_card.json)."""
+    started = time.perf_counter()
     cfg.validate()
     run_dir, cache_dir = Path(run_dir), Path(cache_dir)
     stop = stop or threading.Event()
@@ -238,18 +255,15 @@ def train(
         model_cfg = cfg.model_config(tok.vocab_size)
         if resume:
             check_model_matches(run_dir, model_cfg)
-        return _train_loop(
-            cfg, model_cfg, tok, data, run_dir, device, precision, dist, resume, on_event, stop, sampler
-        )
+        spec = pretraining_spec(cfg, model_cfg, tok, data)
+        spec.started = started
+        return run_loop(cfg, spec, tok, run_dir, device, precision, dist, resume, on_event, stop, sampler)
     finally:
         shutdown_distributed(dist)
 
 
-def _train_loop(
-    cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, data: TokenData, run_dir: Path,
-    device: torch.device, precision: str, dist: DistInfo, resume: bool, on_event: Event,
-    stop: threading.Event, sampler: Sampler | None,
-) -> dict[str, Any]:
+def pretraining_spec(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, data: TokenData) -> LoopSpec:
+    """Random windows of the token file, a fresh model, full weights saved."""
     seq_len = cfg.context(model_cfg)
     train_tokens, val_tokens = data.load("train"), data.load("val")
     for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
@@ -259,6 +273,25 @@ def _train_loop(
                 f"({data.train_tokens + data.val_tokens} in all) but --seq-len {seq_len} needs "
                 f"{seq_len + 1}; use a smaller --seq-len or a larger corpus"
             )
+    return LoopSpec(
+        model_cfg=model_cfg,
+        build_model=lambda: Transformer(model_cfg),
+        train_batches=BatchSampler(train_tokens, seq_len, cfg.seed),
+        val_batches=BatchSampler(val_tokens, seq_len, cfg.seed + 1),
+        seq_len=seq_len,
+        save_weights=lambda weights, directory, extra: save_state(weights, model_cfg, directory, extra),
+        info={"tokenizer_sha256": tok.sha256},
+        bytes_per_token=data.val_bytes / max(1, data.val_tokens),
+    )
+
+
+def run_loop(
+    cfg: TrainConfig, spec: LoopSpec, tok: Tokenizer, run_dir: Path, device: torch.device, precision: str,
+    dist: DistInfo, resume: bool, on_event: Event, stop: threading.Event, sampler: Sampler | None,
+) -> dict[str, Any]:
+    """The training loop shared by `train` and `finetune`; returns the run card."""
+    model_cfg, seq_len, bytes_per_token = spec.model_cfg, spec.seq_len, spec.bytes_per_token
+    train_batches, val_batches = spec.train_batches, spec.val_batches
     world = dist.world_size
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TformerError(
@@ -266,12 +299,9 @@ def _train_loop(
             f"({world} x {cfg.grad_accum})"
         )
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    train_batches = BatchSampler(train_tokens, seq_len, cfg.seed)
-    val_batches = BatchSampler(val_tokens, seq_len, cfg.seed + 1)
-    bytes_per_token = data.val_bytes / max(1, data.val_tokens)
 
     torch.manual_seed(cfg.seed)
-    raw_model = Transformer(model_cfg).to(device)
+    raw_model = spec.build_model().to(device)
     if cfg.fsdp and dist.enabled:
         from torch.distributed.fsdp import fully_shard
 
@@ -306,7 +336,8 @@ def _train_loop(
 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
-    budget = cfg.time
+    # The budget covers the whole command: what setting up took (tokenizer, data) is spent already.
+    budget = cfg.time - (time.perf_counter() - spec.started) if cfg.time else None
     if not resume:
         state.total_steps = cfg.max_steps or (10**9 if budget else 1000)
         state.warmup = cfg.warmup if cfg.warmup is not None else default_warmup(state.total_steps)
@@ -315,6 +346,7 @@ def _train_loop(
     peak = matmul_peak_flops(device, precision) if dist.is_main else 0.0
     flops_tok = flops_per_token(model_cfg, seq_len)
     n_params = model_cfg.num_params()
+    n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     on_event("start", {
         "params": n_params, "config": model_cfg.to_dict(), "seq_len": seq_len, "device": str(device),
         "precision": precision, "total_steps": state.total_steps, "start_step": state.step,
@@ -322,7 +354,7 @@ def _train_loop(
     })
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
-    info_base = {"tformer_version": __version__, "train": cfg.to_dict(), "tokenizer_sha256": tok.sha256}
+    info_base = {"tformer_version": __version__, "train": cfg.to_dict(), **spec.info}
 
     def save(best: bool = False) -> None:
         # Every rank takes part in gathering (FSDP needs it); rank 0 writes.
@@ -332,12 +364,12 @@ def _train_loop(
         if best:
             if dist.is_main:
                 best_dir = run_dir / BEST_DIR
-                save_state(weights, model_cfg, best_dir, extra={**info_base, "step": state.step, "val_loss": state.best_val_loss})
+                spec.save_weights(weights, best_dir, {**info_base, "step": state.step, "val_loss": state.best_val_loss})
                 shutil.copyfile(run_dir / TOKENIZER_FILE, best_dir / TOKENIZER_FILE)
             return
         optim = get_optimizer_state_dict(raw_model, optimizer, options=_FULL)
         if dist.is_main:
-            save_state(weights, model_cfg, run_dir, extra={**info_base, "step": state.step})
+            spec.save_weights(weights, run_dir, {**info_base, "step": state.step})
             save_train_state(run_dir / TRAIN_STATE_DIR, state.step, weights, optim, {"run": state.to_json()})
             on_event("saved", {"step": state.step, "path": str(run_dir)})
         state.last_saved_step = state.step
@@ -346,7 +378,7 @@ def _train_loop(
     def run_eval() -> dict[str, float]:
         t = time.perf_counter()
         val_loss = evaluate(model, val_batches, cfg.eval_batches, micro * world, device, autocast, dist)
-        bpb = val_loss / math.log(2) / bytes_per_token
+        bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
         record = {"step": state.step, "val_loss": val_loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t}
         if metrics:
             metrics.write(json.dumps(record) + "\n")
@@ -360,13 +392,16 @@ def _train_loop(
     def maybe_sample() -> None:
         if sampler is None or not dist.is_main:
             return
+        nonlocal sample_seconds
         rng = torch.get_rng_state()  # sampling must not shift the training RNG (exact resume)
+        t = time.perf_counter()
         try:
             raw_model.eval()
             on_event("sample", {"step": state.step, "text": sampler(raw_model, tok)})
         finally:
             raw_model.train()
             torch.set_rng_state(rng)
+            sample_seconds = time.perf_counter() - t
 
     if resume:
         restore_rng(saved.rng)  # last, so nothing above shifts the dropout stream
@@ -375,6 +410,7 @@ def _train_loop(
     t_log, tokens_log = t_start, 0
     step_times: list[float] = []
     eval_seconds, last_eval, interrupted = 0.0, None, False
+    sample_seconds = 1.0 if sampler else 0.0  # refined once a sample has been timed
     loss_acc, loss_n = 0.0, 0
     sample_every = cfg.eval_every if cfg.sample_every is None else cfg.sample_every
     try:
@@ -384,8 +420,12 @@ def _train_loop(
                 break
             elapsed = time.perf_counter() - t_start
             if budget and step_times:
-                per_step = sorted(step_times)[len(step_times) // 2]
-                reserve = per_step + (last_eval["eval_seconds"] if last_eval else 0.0) + 0.5
+                settled = step_times[1:] or step_times  # the first step carries warm-up costs
+                per_step = sorted(settled)[len(settled) // 2]
+                # Room for one more step, the final eval (forward only: ~1/3 of a step per batch),
+                # the closing sample and the save.
+                final_eval = last_eval["eval_seconds"] if last_eval else cfg.eval_batches * per_step / 3
+                reserve = per_step + final_eval + sample_seconds + 0.5
                 if dist.any(elapsed + reserve >= budget, device):
                     break
             t_step = time.perf_counter()
@@ -474,8 +514,9 @@ def _train_loop(
     card = {
         "run_dir": str(run_dir),
         "tformer_version": __version__,
-        "preset": cfg.preset,
+        "preset": spec.label or cfg.preset,
         "params": n_params,
+        "trainable_params": n_trainable,
         "model": model_cfg.to_dict(),
         "seq_len": seq_len,
         "batch_size": cfg.batch_size,
@@ -486,7 +527,7 @@ def _train_loop(
         "total_steps": state.total_steps,
         "tokens_seen": state.tokens_seen,
         "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
-        "best_val_bpb": None if math.isinf(state.best_val_loss) else state.best_val_loss / math.log(2) / bytes_per_token,
+        "best_val_bpb": None if math.isinf(state.best_val_loss) or not bytes_per_token else state.best_val_loss / math.log(2) / bytes_per_token,
         "best_step": state.best_step,
         "final_val_loss": last_eval["val_loss"] if last_eval else None,
         "final_val_bpb": last_eval["val_bpb"] if last_eval else None,

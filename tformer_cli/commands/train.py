@@ -54,6 +54,10 @@ class _Reporter:
         self.console.print(f"tokenizer: {d['vocab_size']} tokens in {d['seconds']:.1f}s")
 
     def on_data(self, d):
+        if "train_examples" in d:
+            cut = f", {d['truncated']} truncated to the window" if d["truncated"] else ""
+            self.console.print(f"data: {d['train_examples']:,} training and {d['val_examples']:,} validation examples{cut}")
+            return
         src = "cached" if d["cached"] else "tokenised"
         self.console.print(f"data ({src}): {d['train_tokens']:,} training and {d['val_tokens']:,} validation tokens")
 
@@ -98,7 +102,8 @@ class _Reporter:
         self._update(self.progress.tasks[0].completed if self.progress else 0, d["total_steps"])
 
     def on_eval(self, d):
-        self.console.print(f"step {d['step']}: val loss {d['val_loss']:.4f}, {d['val_bpb']:.3f} bits/byte")
+        bpb = f", {d['val_bpb']:.3f} bits/byte" if d["val_bpb"] is not None else ""
+        self.console.print(f"step {d['step']}: val loss {d['val_loss']:.4f}{bpb}")
 
     def on_sample(self, d):
         self.console.print(f"[dim]sample at step {d['step']}:[/]\n[cyan]{d['text']}[/]")

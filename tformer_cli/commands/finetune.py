@@ -1,0 +1,99 @@
+"""`tformer finetune BASE_RUN DATA -o RUN_DIR`: LoRA or full fine-tuning on instruction and chat data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from tformer_cli.chat_template import encode_chat
+from tformer_cli.commands.train import _install_interrupt, _Reporter
+from tformer_cli.finetuner import FinetuneOptions
+from tformer_cli.finetuner import finetune as run_finetune
+from tformer_cli.generation import generate
+from tformer_cli.runcard import render_run_card
+from tformer_cli.sampling import SamplingConfig
+from tformer_cli.train_config import load_train_config, parse_duration
+
+SAMPLE_PROMPT = "Give three tips for staying healthy."
+
+
+def _chat_sampler(model, tok) -> str:
+    """The model's reply to a fixed question, so you see fine-tuning take hold."""
+    ids = encode_chat(tok, [{"role": "user", "content": SAMPLE_PROMPT}])[-model.config.max_seq_len + 60 :]
+    (reply,), _ = generate(model, tok, [ids], SamplingConfig(temperature=0), 60)
+    return f"{SAMPLE_PROMPT} -> {reply.text}"
+
+
+def finetune(
+    base: Path = typer.Argument(..., help="The base run directory."),
+    data: list[Path] = typer.Argument(..., help="JSONL/JSON files (messages, instruction/input/output, prompt/completion, text) or .txt."),
+    output: Path = typer.Option(..., "-o", "--output", help="The run directory to write."),
+    lora: bool = typer.Option(True, "--lora/--full", help="Train a LoRA adapter (default) or all weights."),
+    lora_rank: int = typer.Option(8, "--lora-rank"),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    lora_targets: str = typer.Option("q,k,v,o", "--lora-targets", help="Comma-separated: q, k, v, o, mlp."),
+    train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="Also learn the prompt tokens."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (unless --max-steps)."),
+    max_steps: int = typer.Option(None, "--max-steps"),
+    time_budget: str = typer.Option(None, "--time", help="Wall-clock budget, e.g. 5m."),
+    val_split: float = typer.Option(0.05, "--val-split", help="Share of the examples held out for validation."),
+    val_data: list[Path] = typer.Option(None, "--val-data", help="Validation file(s) instead of a split."),
+    merge: bool = typer.Option(False, "--merge", help="Also write a standalone merged model.safetensors."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    seq_len: int = typer.Option(None, "--seq-len", help="Pad/truncate examples to this (default: the base's context)."),
+    lr: float = typer.Option(None, "--lr", help="Peak LR (default 5e-4 for LoRA, 1e-4 for --full)."),
+    warmup: int = typer.Option(None, "--warmup"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    precision: str = typer.Option("auto", "--precision"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(1337, "--seed"),
+    eval_every: int = typer.Option(50, "--eval-every"),
+    eval_batches: int = typer.Option(5, "--eval-batches"),
+    save_every: int = typer.Option(200, "--save-every"),
+    log_every: int = typer.Option(10, "--log-every"),
+    sample_every: int = typer.Option(None, "--sample-every", help="Show a reply to a fixed prompt every N steps (default: at evals; 0: never)."),
+    resume: bool = typer.Option(False, "--resume"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json", help="Print the run card as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Fine-tune a base run on instruction or chat data (loss on the assistant's tokens)."""
+    cfg = load_train_config(None, dict(
+        max_steps=max_steps, time=parse_duration(time_budget) if time_budget else None, batch_size=batch_size,
+        grad_accum=grad_accum, seq_len=seq_len, lr=lr or (5e-4 if lora else 1e-4), warmup=warmup,
+        weight_decay=weight_decay, precision=precision, device=device, seed=seed, eval_every=eval_every,
+        eval_batches=eval_batches, save_every=save_every, log_every=log_every, sample_every=sample_every,
+    ))
+    opts = FinetuneOptions(lora=lora, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                           targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
+                           train_on_prompt=train_on_prompt, val_split=val_split, val_data=list(val_data or []),
+                           epochs=epochs, merge=merge)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    err = Console(stderr=True, quiet=not is_main, soft_wrap=True)
+    stop = threading.Event()
+    previous = _install_interrupt(stop, err)
+    reporter = _Reporter(err, quiet or not is_main)
+    try:
+        card = run_finetune(cfg, opts, base, data, output, resume=resume, overwrite=overwrite,
+                            on_event=reporter, stop=stop, sampler=_chat_sampler)
+    finally:
+        reporter.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if not is_main:
+        return
+    if as_json:
+        typer.echo(json.dumps(card, indent=2))
+    else:
+        render_run_card(card, Console())
+    if card["interrupted"]:
+        err.print(f"interrupted at step {card['steps']}: continue with the same command plus --resume")
+        raise typer.Exit(130)
