@@ -7,7 +7,7 @@ import sys
 import typer
 
 from tformer_cli import __version__
-from tformer_cli.commands import chat, finetune, generate, info, tokenize, train
+from tformer_cli.commands import chat, finetune, generate, info, profile, tokenize, train
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def _root(
 
 
 app.command("info")(info.info)
+app.command("profile")(profile.profile)
 app.add_typer(tokenize.app, name="tokenize")
 app.command("train")(train.train)
 app.command("generate")(generate.generate)

@@ -1,0 +1,65 @@
+"""`tformer profile`: where memory and time go for a model on this device, analytic and measured."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from tformer_cli.device import resolve_device, resolve_precision
+from tformer_cli.errors import TformerError
+from tformer_cli.profiling.render import render
+from tformer_cli.profiling.report import profile as run_profile
+from tformer_cli.profiling.source import resolve_source
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    """'2048' or '256,512,1024' as positive integers."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TformerError(f"--seq-len {text!r}: use a whole number or a comma-separated list such as 256,512,1024") from None
+    if not values or any(v < 1 for v in values):
+        raise TformerError(f"--seq-len {text!r}: context lengths must be positive whole numbers")
+    return values
+
+
+def profile(
+    model_dir: Path = typer.Option(None, "-m", "--model", help="A run directory to profile."),
+    preset: str = typer.Option(None, "--preset", help="A named model shape: nano, micro, tiny, small, small-gqa, gpt2."),
+    config_file: Path = typer.Option(None, "--config", help="A TOML (or .json) file with a \\[model] table of model fields; `preset = NAME` starts from a preset."),
+    seq_len: str = typer.Option(None, "--seq-len", "-T", help="Context length, or a comma-separated list for a scaling table (default: the model's max_seq_len)."),
+    batch_size: int = typer.Option(1, "--batch-size", "-B", help="Sequences per batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
+    json_path: str = typer.Option(None, "--json", help="Write every figure as JSON to this file ('-': stdout, instead of the tables)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer repetitions: about 20 s for a small model on a laptop CPU."),
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="Run the measurements (--no-measure: analytic figures only, instant)."),
+) -> None:
+    """Where memory and time go: parameters, FLOPs, memory, measured speed, what fits, and how it scales with T."""
+    source = resolve_source(model_dir, preset, config_file)
+    if batch_size < 1:
+        raise TformerError(f"--batch-size must be at least 1, got {batch_size}")
+    seq_lens = parse_seq_lens(seq_len) if seq_len else [source.config.max_seq_len]
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    err = Console(stderr=True)
+    with err.status("profiling", spinner="dots") as status:
+        report = run_profile(source, seq_lens, batch_size, dev, prec, quick=quick, run_measurements=measure,
+                             on_progress=lambda what: status.update(f"measuring: {what}"))
+    text = json.dumps(report, indent=2) + "\n"
+    if json_path == "-":
+        sys.stdout.write(text)
+        return
+    Console().print(render(report))
+    if json_path:
+        path = Path(json_path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise TformerError(f"--json {path}: cannot write ({e.strerror})") from None
+        err.print(f"[dim]wrote {path}[/]")

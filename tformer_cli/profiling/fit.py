@@ -1,0 +1,54 @@
+"""Will it fit? The largest batch and context that the analytic memory model allows in a memory budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from models.config import ModelConfig
+from tformer_cli.profiling.analytic import inference_memory, training_memory
+
+HEADROOM = 0.9  # leave 10% of the free memory to the runtime, the allocator's slack and the OS
+T_CAP = 1 << 22  # search no further than 4M tokens of context
+
+
+def largest(fits: Callable[[int], bool], cap: int) -> int:
+    """The largest n in 1..cap with fits(n), for a monotone fits; 0 when even 1 does not fit."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= cap and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)
+    while hi - lo > 1:  # fits(lo) holds, fits(hi) does not (or hi is past the cap)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def will_it_fit(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, free_bytes: int | None) -> dict[str, Any]:
+    """Training and inference needs at (B, T), and the largest B (at T) and T (at B) within the budget."""
+    report: dict[str, Any] = {"free_bytes": free_bytes, "headroom": HEADROOM, "budget_bytes": None}
+    needs = {
+        "train": lambda b, t: training_memory(cfg, t, b, precision)["total"],
+        "inference": lambda b, t: inference_memory(cfg, t, b, precision)["total"],
+    }
+    budget = int(free_bytes * HEADROOM) if free_bytes else None
+    report["budget_bytes"] = budget
+    notes = []
+    for mode, need in needs.items():
+        entry: dict[str, Any] = {"bytes": need(batch_size, seq_len)}
+        if budget is not None:
+            entry["fits"] = entry["bytes"] <= budget
+            entry["max_batch_size"] = largest(lambda b, need=need: need(b, seq_len) <= budget, 1 << 20)
+            entry["max_seq_len"] = largest(lambda t, need=need: need(batch_size, t) <= budget, T_CAP)
+            if not entry["fits"]:
+                notes.append(
+                    f"{mode} at batch {batch_size} x {seq_len} tokens needs {entry['bytes'] / 2**30:.2f} GiB, "
+                    f"more than the {budget / 2**30:.2f} GiB budget ({HEADROOM:.0%} of what is free)"
+                )
+        report[mode] = entry
+    if cfg.pos == "learned":
+        notes.append(f"learned positions stop at max_seq_len {cfg.max_seq_len}, whatever memory allows")
+    report["notes"] = notes
+    return report

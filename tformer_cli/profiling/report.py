@@ -1,0 +1,288 @@
+"""The profile of one model on one device: analytic figures and measurements, as one JSON-ready dict."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from models.config import ModelConfig
+from models.flops import matmul_params
+from tformer_cli import __version__
+from tformer_cli.device import cpu_has_fast_bf16
+from tformer_cli.profiling import analytic, measure
+from tformer_cli.profiling.fit import HEADROOM, will_it_fit
+from tformer_cli.profiling.memory import available_memory, device_name
+from tformer_cli.profiling.source import ModelSource
+
+_OOM = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+# the CPU allocator reports a failed allocation as a plain RuntimeError
+_CPU_OOM = "can't allocate memory"
+# a measurement that would run longer than this (at the measured matmul peak, a lower bound)
+# is skipped with the reason, rather than leaving the user waiting
+TIME_CAP_S = {"quick": 30.0, "full": 180.0}
+# --quick leaves out the math attention path once its T x T matrices pass this: it is memory-bound
+# and runs an order of magnitude below the matmul peak, so the time cap cannot foresee it
+QUICK_MATH_BYTES = 1 << 30
+
+
+def _noop(message: str) -> None:
+    pass
+
+
+class _Runner:
+    """Runs measurements that fit in memory and time; records why the others were skipped."""
+
+    def __init__(self, device: torch.device, effort: measure.Effort, time_cap: float, on_progress: Callable[[str], None]):
+        self.device, self.effort, self.time_cap, self.on_progress = device, effort, time_cap, on_progress
+        self.skipped: list[dict[str, str]] = []
+        self.peak_flops: float | None = None
+
+    def run(self, what: str, need_bytes: int, flops: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        free = available_memory(self.device)
+        if free is not None and need_bytes > free * HEADROOM:
+            return self.skip(what, f"needs ~{_gib(need_bytes)} by the analytic model, {_gib(free)} is free")
+        if self.peak_flops:
+            per_call = flops / self.peak_flops
+            slow = per_call > self.effort.long_call_s
+            calls = 1 if slow and self.effort.slow_warmup_counts else self.effort.warmup + (1 if slow else self.effort.min_reps)
+            at_least = per_call * calls
+            if at_least > self.time_cap:
+                advice = "run without --quick or pick a smaller T" if self.effort.slow_warmup_counts else "pick a smaller T"
+                return self.skip(what, f"would take over {at_least:.0f} s even at the measured matmul peak "
+                                       f"(the cap is {self.time_cap:.0f} s; {advice})")
+        self.on_progress(what)
+        try:
+            return fn()
+        except _OOM:
+            return self.skip(what, "ran out of memory on the device")
+        except RuntimeError as e:
+            if _CPU_OOM not in str(e):
+                raise
+            return self.skip(what, "ran out of memory on the device")
+
+    def skip(self, what: str, reason: str) -> None:
+        self.skipped.append({"what": what, "reason": reason})
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def analytic_figures(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str) -> dict[str, Any]:
+    """Everything the config alone says about cost at (B, T): parameters, FLOPs, memory."""
+    b = analytic.bytes_per_element(precision)
+    counts = analytic.param_counts(cfg)
+    split = analytic.flop_split(cfg, seq_len)
+    tokens = seq_len * batch_size
+    kv = analytic.kv_cache_bytes(cfg, seq_len, batch_size, b)
+    kv_mha = analytic.kv_cache_bytes(cfg, seq_len, batch_size, b, kv_heads=cfg.n_heads)
+    return {
+        "params": cfg.num_params(),
+        "params_by_component": counts,
+        "param_bytes": cfg.num_params() * b,
+        "matmul_params": matmul_params(cfg),
+        "flops_per_token": split.training,
+        "flops_per_token_forward": split.forward,
+        "flops_per_step": split.training * tokens,
+        "flops_per_step_forward": split.forward * tokens,
+        "flops_forward_per_token": {
+            "attention_proj": split.attention_proj,
+            "attention_scores": split.attention_scores,
+            "attention": split.attention,
+            "mlp": split.mlp,
+            "head": split.head,
+        },
+        "six_n_flops_per_token": analytic.six_n(cfg),
+        "attention_flops_share": split.attention_share,
+        "attention_crossover_seq_len": analytic.attention_crossover(cfg),
+        "kv_cache_bytes": kv,
+        "kv_cache_bytes_mha": kv_mha,
+        "kv_cache_gqa_saving": kv_mha / kv,
+        "kv_cache_bytes_per_token": kv // tokens,
+        "train_memory": analytic.training_memory(cfg, seq_len, batch_size, precision),
+        "train_memory_math": analytic.training_memory(cfg, seq_len, batch_size, precision, "math"),
+        "inference_memory": analytic.inference_memory(cfg, seq_len, batch_size, precision),
+        "decode_bytes_per_step": analytic.decode_bytes_per_step(cfg, seq_len, batch_size, precision),
+    }
+
+
+def profile(
+    source: ModelSource,
+    seq_lens: list[int],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    quick: bool = False,
+    run_measurements: bool = True,
+    on_progress: Callable[[str], None] = _noop,
+) -> dict[str, Any]:
+    """Profile source's model at each context length (measured in full at the largest) on device."""
+    cfg = source.config
+    seq_lens = sorted(set(seq_lens))
+    T = seq_lens[-1]
+    effort = measure.QUICK if quick else measure.FULL
+    free = available_memory(device)
+    report: dict[str, Any] = {
+        "tformer_version": __version__,
+        "model": {"source": source.kind, "label": source.label, "config": cfg.to_dict()},
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "bytes_per_element": analytic.bytes_per_element(precision),
+        "batch_size": batch_size,
+        "seq_len": T,
+        "seq_lens": seq_lens,
+        "quick": quick,
+        **analytic_figures(cfg, T, batch_size, precision),
+        "checkpoint_params": source.checkpoint_params,
+        "free_memory_bytes": free,
+        "fit": will_it_fit(cfg, T, batch_size, precision, free),
+    }
+    notes: list[str] = []
+    runner = _Runner(device, effort, TIME_CAP_S["quick" if quick else "full"], on_progress)
+    measured: dict[str, Any] = {}
+    if run_measurements:
+        measured = _measure(source, seq_lens, batch_size, device, precision, effort, runner, notes, report)
+    report.update(_headline(report, measured))
+    report["measured"] = measured
+    report["scaling"] = _scaling(cfg, seq_lens, batch_size, precision, measured)
+    report["skipped"] = runner.skipped
+    report["notes"] = notes
+    return report
+
+
+def _measure(source: ModelSource, seq_lens: list[int], batch_size: int, device: torch.device, precision: str,
+             effort: measure.Effort, runner: _Runner, notes: list[str], report: dict[str, Any]) -> dict[str, Any]:
+    cfg = source.config
+    T = seq_lens[-1]
+    if device.type == "cpu" and precision != "fp32" and not cpu_has_fast_bf16():
+        notes.append(f"this CPU has no bf16 matrix units (AVX512-BF16/AMX): {precision} runs far slower "
+                     "than fp32 here; --precision auto picks fp32")
+    runnable = [t for t in seq_lens if t <= cfg.max_seq_len or cfg.pos != "learned"]
+    for t in seq_lens:
+        if t not in runnable:
+            runner.skip(f"measurements at T={t}", f"learned position embeddings stop at max_seq_len "
+                                                  f"{cfg.max_seq_len}; the analytic figures still hold")
+    if not runnable:
+        return {}
+    longest = max(runnable)
+    if longest > cfg.max_seq_len:
+        notes.append(f"max_seq_len raised from {cfg.max_seq_len} to {longest} for the measurements "
+                     f"({cfg.pos} positions extend to any length; no weight changes shape)")
+
+    def build() -> torch.nn.Module:
+        return source.build(max_seq_len=longest)
+
+    runner.on_progress("warming up")
+    measure.warm_up(cfg, device, precision)
+    runner.on_progress("matmul peak")
+    peak = measure.measure_matmul_peak(device, precision, effort)
+    runner.peak_flops = peak
+    runner.on_progress("memory bandwidth")
+    bandwidth = measure.measure_bandwidth(device, effort)
+    out: dict[str, Any] = {
+        "matmul_peak_flops": peak,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "memory_method": None,
+        "train": {},
+        "inference": None,
+        "attention": {},
+    }
+    for t in sorted(runnable, reverse=True):  # the headline T first: if time runs short, it is done
+        need = analytic.training_memory(cfg, t, batch_size, precision)["total"]
+        flops = analytic.flop_split(cfg, t).training * t * batch_size
+        result = runner.run(f"training step at T={t}", need, flops,
+                            lambda t=t: measure.measure_training(cfg, build, t, batch_size, device, precision, effort))
+        if result is not None:
+            result["mfu"] = result["tokens_per_s"] * analytic.flop_split(cfg, t).training / peak
+            out["train"][str(t)] = result
+    if any(r["mfu"] > 1 for r in out["train"].values()):
+        notes.append(f"MFU above 100%: the model's matmuls ran faster than the {precision} peak measured on "
+                     "1024 x 1024 matrices, so that figure is no ceiling for this device at this precision")
+    if T in runnable:
+        need = analytic.inference_memory(cfg, T, batch_size, precision)["total"]
+        flops = 2 * analytic.flop_split(cfg, T).forward * T * batch_size  # a prefill and an uncached step, per call
+        out["inference"] = runner.run(f"prefill and decoding at T={T}", need, flops,
+                                      lambda: measure.measure_inference(cfg, build, T, batch_size, device, precision, effort))
+        for impl in analytic.ATTENTION_IMPLS:
+            need = analytic.attention_memory(cfg, T, batch_size, precision, impl)
+            if impl == "math" and effort is measure.QUICK and need > QUICK_MATH_BYTES:
+                out["attention"][impl] = runner.skip(
+                    f"math attention at T={T}", f"its T x T matrices take ~{_gib(need)} and are slow to "
+                                                "measure; run without --quick to include it")
+                continue
+            flops = 3 * analytic.score_flops_per_position(cfg) / cfg.n_layers * T * T * batch_size
+            res = runner.run(f"{impl} attention at T={T}", need, flops,
+                             lambda impl=impl: measure.measure_attention(cfg, T, batch_size, device, precision, impl, effort))
+            out["attention"][impl] = res
+    done = [r for r in (*out["train"].values(), out["inference"]) if r]
+    out["memory_method"] = done[0]["memory_method"] if done else None
+    return out
+
+
+def _headline(report: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """The flat keys scripts read: throughput, MFU and memory at the headline (B, T); None when not measured."""
+    T = report["seq_len"]
+    train = (measured.get("train") or {}).get(str(T))
+    inf = measured.get("inference")
+    out: dict[str, Any] = {
+        "matmul_peak_flops": measured.get("matmul_peak_flops"),
+        "memory_bandwidth_bytes_per_s": measured.get("memory_bandwidth_bytes_per_s"),
+        "train_tokens_per_s": train["tokens_per_s"] if train else None,
+        "mfu": train["mfu"] if train else None,
+        "train_peak_memory_bytes": train["peak_memory_bytes"] if train else None,
+        "prefill_tokens_per_s": inf["prefill_tokens_per_s"] if inf else None,
+        "decode_tokens_per_s": inf["decode_tokens_per_s"] if inf else None,
+        "decode_tokens_per_s_no_cache": inf["decode_tokens_per_s_no_cache"] if inf else None,
+        "decode_cache_speedup": inf["decode_tokens_per_s"] / inf["decode_tokens_per_s_no_cache"] if inf else None,
+        "inference_peak_memory_bytes": inf["peak_memory_bytes"] if inf else None,
+        "decode_bandwidth_bytes_per_s": None,
+        "decode_bandwidth_utilization": None,
+    }
+    if inf:
+        achieved = report["decode_bytes_per_step"] / inf["decode_step_s"]
+        out["decode_bandwidth_bytes_per_s"] = achieved
+        if measured.get("memory_bandwidth_bytes_per_s"):
+            out["decode_bandwidth_utilization"] = achieved / measured["memory_bandwidth_bytes_per_s"]
+    peaks = [p for p in (out["train_peak_memory_bytes"], out["inference_peak_memory_bytes"]) if p is not None]
+    out["peak_memory_bytes"] = max(peaks) if peaks else None
+    return out
+
+
+def _scaling(cfg: ModelConfig, seq_lens: list[int], batch_size: int, precision: str, measured: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per T: analytic FLOPs and memory next to the measured training step.
+
+    predicted_step_s scales the step measured at the longest T by the ratio of analytic FLOPs:
+    what each T would take at that T's efficiency. Shorter contexts run below it (per-op
+    overheads weigh more on small matrices), which the MFU column shows.
+    """
+    trains = measured.get("train") or {}
+    rows = []
+    ref = next(((t, trains[str(t)]) for t in reversed(seq_lens) if str(t) in trains), None)
+    for t in seq_lens:
+        split = analytic.flop_split(cfg, t)
+        step_flops = split.training * t * batch_size
+        got = trains.get(str(t))
+        row: dict[str, Any] = {
+            "seq_len": t,
+            "flops_per_token": split.training,
+            "flops_per_step": step_flops,
+            "attention_flops_share": split.attention_share,
+            "train_memory_bytes": analytic.training_memory(cfg, t, batch_size, precision)["total"],
+            "train_memory_bytes_math": analytic.training_memory(cfg, t, batch_size, precision, "math")["total"],
+            "kv_cache_bytes": analytic.kv_cache_bytes(cfg, t, batch_size, analytic.bytes_per_element(precision)),
+            "train_step_s": got["step_s"] if got else None,
+            "train_tokens_per_s": got["tokens_per_s"] if got else None,
+            "mfu": got["mfu"] if got else None,
+            "train_peak_memory_bytes": got["peak_memory_bytes"] if got else None,
+            "predicted_step_s": None,
+        }
+        if ref is not None:
+            t0, r0 = ref
+            row["predicted_step_s"] = r0["step_s"] * step_flops / (analytic.flop_split(cfg, t0).training * t0 * batch_size)
+        rows.append(row)
+    return rows
