@@ -64,8 +64,10 @@ def config_from_llama(hf: dict[str, Any]) -> ModelConfig:
     """A tformer config from a Hugging Face Llama config.json dict."""
     if hf.get("model_type") != "llama":
         raise ConfigError(f"unsupported architecture {hf.get('model_type')!r}: only llama imports")
-    if hf.get("rope_scaling"):
-        raise ConfigError("rope_scaling is not supported")
+    # transformers 5 keeps rope settings in rope_parameters, 4.x in rope_theta / rope_scaling
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ConfigError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported, only plain RoPE")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("Llama checkpoints with attention or MLP biases are not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -80,7 +82,7 @@ def config_from_llama(hf: dict[str, Any]) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         hidden_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )

@@ -7,7 +7,17 @@ import sys
 import typer
 
 from tformer_cli import __version__
-from tformer_cli.commands import chat, finetune, generate, info, profile, tokenize, train
+from tformer_cli.commands import (
+    chat,
+    export,
+    finetune,
+    generate,
+    import_hf,
+    info,
+    profile,
+    tokenize,
+    train,
+)
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
@@ -43,6 +53,8 @@ app.command("train")(train.train)
 app.command("generate")(generate.generate)
 app.command("chat")(chat.chat)
 app.command("finetune")(finetune.finetune)
+app.command("export")(export.export)
+app.command("import")(import_hf.import_command)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

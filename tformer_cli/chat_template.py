@@ -11,7 +11,7 @@ A prompt for a reply ends with <|assistant|>; the reply ends when the model emit
 from __future__ import annotations
 
 from tformer_cli.errors import TformerError
-from tformer_cli.tokenizer import Tokenizer
+from tformer_cli.tokenizer import CHAT_MARKERS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 PLAIN_NAMES = {"system": "", "user": "User", "assistant": "Assistant"}
@@ -21,7 +21,10 @@ PLAIN_STOPS = ("\nUser:", "\nAssistant:")
 def encode_chat_with_mask(tok: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and, for each, whether it is assistant output (content and its <|end|>)."""
     if not tok.has_chat_markers:
-        raise TformerError(f"{tok.path}: this tokenizer has no chat markers; train one with `tformer tokenize train`")
+        raise TformerError(
+            f"{tok.path}: this tokenizer has no chat markers ({', '.join(CHAT_MARKERS)}), which chat, "
+            "Alpaca and prompt/completion data need; use text data ({\"text\": ...} or .txt) with this base"
+        )
     end = tok.marker_ids["<|end|>"]
     ids, mask = [tok.bos_id], [False]
     for message in messages:

@@ -111,6 +111,11 @@ def to_example(tok: Tokenizer, record: object, where: str, train_on_prompt: bool
     if name == "text":
         ids = [tok.bos_id, *tok.encode(content), tok.eos_id]
         return Example(ids, [False] + [True] * (len(ids) - 1))
+    if not tok.has_chat_markers:
+        raise TformerError(
+            f"{where}: a {name} record needs the chat markers, which the base's tokenizer lacks "
+            "(an imported model, say); fine-tune it on text data ({\"text\": ...} or .txt) instead"
+        )
     ids, mask = encode_chat_with_mask(tok, content)
     if train_on_prompt:
         mask = [False] + [True] * (len(ids) - 1)

@@ -76,11 +76,6 @@ def finetune(
     base_model, _ = load_run_model(base)
     model_cfg = base_model.config
     tok = load_tokenizer(base / TOKENIZER_FILE)
-    if not tok.has_chat_markers:
-        raise TformerError(
-            f"{base}: its tokenizer lacks the chat markers {', '.join(('<|system|>', '<|user|>', '<|assistant|>', '<|end|>'))}; "
-            "fine-tune a base trained with a tformer tokenizer"
-        )
     if resume:
         info = read_config_file(run_dir)
         if info.get("base_fingerprint") != fingerprint:
@@ -96,8 +91,9 @@ def finetune(
         raise TformerError(f"--seq-len {seq_len} is longer than the base model's context of {model_cfg.max_seq_len}")
     if cfg.max_steps is None and cfg.time is None:
         cfg.max_steps = max(1, math.ceil(opts.epochs * len(train_ex) / cfg.batch_size))
-    train_batches = ExampleBatches(train_ex, seq_len, tok.pad_id, cfg.seed)
-    val_batches = ExampleBatches(val_ex, seq_len, tok.pad_id, cfg.seed + 1, shuffle=False)
+    pad = tok.pad_id if tok.pad_id >= 0 else tok.eos_id  # Llama tokenizers have no pad; padding is masked anyway
+    train_batches = ExampleBatches(train_ex, seq_len, pad, cfg.seed)
+    val_batches = ExampleBatches(val_ex, seq_len, pad, cfg.seed + 1, shuffle=False)
     on_event("data", {"train_examples": len(train_ex), "val_examples": len(val_ex), "truncated": train_batches.truncated})
 
     if opts.lora:

@@ -50,6 +50,11 @@ class Tokenizer:
         """Whether all four chat markers are single tokens of this tokenizer."""
         return len(self.marker_ids) == len(CHAT_MARKERS)
 
+    @property
+    def adds_space_prefix(self) -> bool:
+        """Whether sentencepiece puts a space before the text (tformer's tokenizers never do)."""
+        return self.sp.encode("a", out_type=str)[0].startswith(SPACE_SYMBOL)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of text (no BOS/EOS added; chat markers become their single tokens)."""
         return self.encode_batch([text], num_threads=1)[0]

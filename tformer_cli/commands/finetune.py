@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from tformer_cli.chat_template import encode_chat
+from tformer_cli.chat_template import encode_chat, plain_transcript
 from tformer_cli.commands.train import _install_interrupt, _Reporter
 from tformer_cli.finetuner import FinetuneOptions
 from tformer_cli.finetuner import finetune as run_finetune
@@ -25,7 +25,12 @@ SAMPLE_PROMPT = "Give three tips for staying healthy."
 
 def _chat_sampler(model, tok) -> str:
     """The model's reply to a fixed question, so you see fine-tuning take hold."""
-    ids = encode_chat(tok, [{"role": "user", "content": SAMPLE_PROMPT}])[-model.config.max_seq_len + 60 :]
+    messages = [{"role": "user", "content": SAMPLE_PROMPT}]
+    if tok.has_chat_markers:
+        ids = encode_chat(tok, messages)
+    else:  # a base without the markers (an imported model) fine-tunes on text: continue a transcript
+        ids = [tok.bos_id, *tok.encode(plain_transcript(messages))]
+    ids = ids[-model.config.max_seq_len + 60 :]
     (reply,), _ = generate(model, tok, [ids], SamplingConfig(temperature=0), 60)
     return f"{SAMPLE_PROMPT} -> {reply.text}"
 

@@ -1,0 +1,112 @@
+"""Export a run as a Hugging Face model directory that transformers' Auto classes load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.config import ConfigError
+from models.hf import gpt2_config, hf_architecture, llama_config, to_gpt2_state, to_llama_state
+from models.weights import atomic_write, atomic_write_text, save_tensors
+from tformer_cli.errors import TformerError
+from tformer_cli.rundir import TOKENIZER_FILE, check_run_dir, load_run_model
+from tformer_cli.tokenizer import Tokenizer, load_tokenizer
+
+# The chat template of chat_template.py, in the Jinja that transformers' apply_chat_template runs.
+CHAT_TEMPLATE_JINJA = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
+            "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class Export:
+    """What an export wrote."""
+
+    path: Path
+    architecture: str
+    params: int
+    files: list[str]
+    merged_lora: bool
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output directory (or an existing file) unless overwrite."""
+    if out.exists() and not out.is_dir():
+        raise TformerError(f"{out}: exists and is not a directory; give a new directory with -o")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise TformerError(f"{out}: is not empty; choose a new directory or pass --overwrite")
+
+
+def chat_template(tok: Tokenizer, info: dict) -> str | None:
+    """The Jinja chat template for runs fine-tuned for chat (None for base models)."""
+    return CHAT_TEMPLATE_JINJA if info.get("chat") and tok.has_chat_markers else None
+
+
+def stop_ids(tok: Tokenizer) -> list[int]:
+    """Token ids that end generation, as in `tformer generate`: EOS, and <|end|> when the tokenizer has it."""
+    return [tok.eos_id, *([tok.marker_ids["<|end|>"]] if "<|end|>" in tok.marker_ids else [])]
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Export:
+    """Write run_dir as a transformers model directory (LoRA runs merged); returns what was written."""
+    run_dir, out = check_run_dir(run_dir), Path(out_dir)
+    model, info = load_run_model(run_dir)
+    cfg = model.config
+    try:
+        arch = hf_architecture(cfg)
+    except ConfigError as e:
+        raise TformerError(f"{run_dir}: cannot export to Hugging Face: {e}") from None
+    check_output_dir(out, overwrite)
+    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if arch == "LlamaForCausalLM":
+        hf_state, hf_cfg = to_llama_state(state, cfg), llama_config(cfg)
+        if cfg.tie_embeddings:
+            del hf_state["lm_head.weight"]  # transformers ties it back from the embeddings
+    else:
+        hf_state, hf_cfg = to_gpt2_state(state, cfg), gpt2_config(cfg)
+        del hf_state["lm_head.weight"]
+    special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    if tok.pad_id >= 0:
+        special["pad_token_id"] = tok.pad_id
+    hf_cfg.update(special, torch_dtype="float32")
+    generation = {**special, "eos_token_id": stop_ids(tok)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(hf_state, out / "model.safetensors", metadata={"format": "pt"})
+    _write_json(out / "config.json", hf_cfg)
+    _write_json(out / "generation_config.json", generation)
+    atomic_write(out / "tokenizer.model", lambda tmp: shutil.copyfile(run_dir / TOKENIZER_FILE, tmp))
+    sp = tok.sp
+    tokens = {"bos_token": sp.id_to_piece(tok.bos_id), "eos_token": sp.id_to_piece(tok.eos_id),
+              "unk_token": sp.id_to_piece(sp.unk_id())}
+    if tok.pad_id >= 0:
+        tokens["pad_token"] = sp.id_to_piece(tok.pad_id)
+    tok_cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        **tokens,
+        "add_bos_token": True,  # tformer prompts start with BOS, as the model was trained
+        "add_eos_token": False,
+        "add_prefix_space": tok.adds_space_prefix,
+        "legacy": False,
+        "model_max_length": cfg.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    if tok.has_chat_markers:
+        tok_cfg["additional_special_tokens"] = list(tok.marker_ids)
+    if template := chat_template(tok, info):
+        tok_cfg["chat_template"] = template
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+    _write_json(out / "special_tokens_map.json", tokens)
+    return Export(path=out, architecture=arch, params=sum(p.numel() for p in model.parameters()),
+                  files=list(HF_FILES), merged_lora=not (run_dir / "model.safetensors").is_file())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
