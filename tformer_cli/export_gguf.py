@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.config import ConfigError
 from models.llamacpp import gguf_architecture, gguf_metadata, to_gguf_state
 from tformer_cli.errors import TformerError
-from tformer_cli.export_hf import Export, chat_template
-from tformer_cli.rundir import TOKENIZER_FILE, check_run_dir, load_run_model
-from tformer_cli.tokenizer import Tokenizer, load_tokenizer
+from tformer_cli.export_hf import Export, chat_template, load_for_export
+from tformer_cli.rundir import check_run_dir
+from tformer_cli.tokenizer import Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantises rows in blocks of 32 values
@@ -39,13 +38,8 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
         raise TformerError(f"{out}: is a directory; --format gguf writes one file, e.g. -o model.gguf")
     if out.exists() and not overwrite:
         raise TformerError(f"{out}: already exists; choose another name or pass --overwrite")
-    model, info = load_run_model(run_dir)
+    model, info, tok, arch = load_for_export(run_dir, gguf_architecture, "GGUF")
     cfg = model.config
-    try:
-        arch = gguf_architecture(cfg)
-    except ConfigError as e:
-        raise TformerError(f"{run_dir}: cannot export to GGUF: {e}") from None
-    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
     state = to_gguf_state({k: v.detach() for k, v in model.state_dict().items()}, cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)

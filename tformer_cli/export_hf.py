@@ -43,6 +43,16 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise TformerError(f"{out}: is not empty; choose a new directory or pass --overwrite")
 
 
+def load_for_export(run_dir: Path, architecture, target: str):
+    """(model, config.json, tokenizer, architecture name) of a run, or why target cannot hold it."""
+    model, info = load_run_model(run_dir)
+    try:
+        arch = architecture(model.config)
+    except ConfigError as e:
+        raise TformerError(f"{run_dir}: cannot export to {target}: {e}") from None
+    return model, info, load_tokenizer(run_dir / TOKENIZER_FILE), arch
+
+
 def chat_template(tok: Tokenizer, info: dict) -> str | None:
     """The Jinja chat template for runs fine-tuned for chat (None for base models)."""
     return CHAT_TEMPLATE_JINJA if info.get("chat") and tok.has_chat_markers else None
@@ -56,14 +66,9 @@ def stop_ids(tok: Tokenizer) -> list[int]:
 def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Export:
     """Write run_dir as a transformers model directory (LoRA runs merged); returns what was written."""
     run_dir, out = check_run_dir(run_dir), Path(out_dir)
-    model, info = load_run_model(run_dir)
+    model, info, tok, arch = load_for_export(run_dir, hf_architecture, "Hugging Face")
     cfg = model.config
-    try:
-        arch = hf_architecture(cfg)
-    except ConfigError as e:
-        raise TformerError(f"{run_dir}: cannot export to Hugging Face: {e}") from None
     check_output_dir(out, overwrite)
-    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if arch == "LlamaForCausalLM":
         hf_state, hf_cfg = to_llama_state(state, cfg), llama_config(cfg)

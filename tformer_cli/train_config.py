@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -98,17 +99,28 @@ def parse_duration(text: str) -> float:
     return value * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[unit]
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """A TOML settings file (tomllib on 3.11+, tomli before), or JSON when the name ends in .json."""
     if not path.is_file():
         raise TformerError(f"{path}: config file not found")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise TformerError(f"{path}: invalid TOML: {e}") from None
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TformerError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise TformerError(f"{path}: invalid TOML: {e}") from None
+    if not isinstance(data, dict):
+        raise TformerError(f"{path}: expected a table of settings")
+    return data
 
 
 def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -119,7 +131,7 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        raw = _read_toml(path)
+        raw = read_settings_file(path)
         unknown_tables = set(raw) - {"train", "model", "preset"}
         if unknown_tables:
             raise TformerError(f"{path}: unknown table(s) {', '.join(sorted(unknown_tables))}; use [train] and [model]")

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import threading
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from tformer_cli.chat_template import encode_chat, plain_transcript
-from tformer_cli.commands.train import _install_interrupt, _Reporter
+from tformer_cli.commands.loop_ui import run_with_progress
 from tformer_cli.finetuner import FinetuneOptions
 from tformer_cli.finetuner import finetune as run_finetune
 from tformer_cli.generation import generate
-from tformer_cli.runcard import render_run_card
 from tformer_cli.sampling import SamplingConfig
 from tformer_cli.train_config import load_train_config, parse_duration
 
@@ -81,24 +75,8 @@ def finetune(
                            targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
                            train_on_prompt=train_on_prompt, val_split=val_split, val_data=list(val_data or []),
                            epochs=epochs, merge=merge)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    err = Console(stderr=True, quiet=not is_main, soft_wrap=True)
-    stop = threading.Event()
-    previous = _install_interrupt(stop, err)
-    reporter = _Reporter(err, quiet or not is_main)
-    try:
-        card = run_finetune(cfg, opts, base, data, output, resume=resume, overwrite=overwrite,
-                            on_event=reporter, stop=stop, sampler=_chat_sampler)
-    finally:
-        reporter.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if not is_main:
-        return
-    if as_json:
-        typer.echo(json.dumps(card, indent=2))
-    else:
-        render_run_card(card, Console())
-    if card["interrupted"]:
-        err.print(f"interrupted at step {card['steps']}: continue with the same command plus --resume")
-        raise typer.Exit(130)
+    run_with_progress(
+        lambda on_event, stop: run_finetune(cfg, opts, base, data, output, resume=resume, overwrite=overwrite,
+                                            on_event=on_event, stop=stop, sampler=_chat_sampler),
+        quiet, as_json,
+    )

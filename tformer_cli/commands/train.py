@@ -2,115 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import threading
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tformer_cli.commands.loop_ui import run_with_progress
 from tformer_cli.pretokenize import default_cache_dir
-from tformer_cli.runcard import render_run_card
 from tformer_cli.train_config import load_train_config, parse_duration
 from tformer_cli.trainer import train as run_training
-
-
-def _install_interrupt(stop: threading.Event, console: Console):
-    """First Ctrl-C: finish the step, save, exit. Second: abort the step (still saving the last one)."""
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        console.print("[yellow]stopping after this step and saving a resumable checkpoint "
-                      "(Ctrl-C again to stop now)[/]")
-
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGINT, handler)
-    return None
-
-
-class _Reporter:
-    """Turns the trainer's events into a rich progress bar and log lines on stderr."""
-
-    def __init__(self, console: Console, quiet: bool):
-        self.console, self.quiet = console, quiet
-        self.progress: Progress | None = None
-        self.task = None
-        self.loss = float("nan")
-        self.rate = 0.0
-
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        getattr(self, f"on_{kind}", lambda d: None)(data)
-
-    def on_tokenizer_start(self, d):
-        self.console.print(f"training a {d['vocab_size']}-token tokenizer on the corpus ...")
-
-    def on_tokenizer_done(self, d):
-        self.console.print(f"tokenizer: {d['vocab_size']} tokens in {d['seconds']:.1f}s")
-
-    def on_data(self, d):
-        if "train_examples" in d:
-            cut = f", {d['truncated']} truncated to the window" if d["truncated"] else ""
-            self.console.print(f"data: {d['train_examples']:,} training and {d['val_examples']:,} validation examples{cut}")
-            return
-        src = "cached" if d["cached"] else "tokenised"
-        self.console.print(f"data ({src}): {d['train_tokens']:,} training and {d['val_tokens']:,} validation tokens")
-
-    def on_resumed(self, d):
-        self.console.print(f"resuming from step {d['step']}")
-
-    def on_start(self, d):
-        c = d["config"]
-        self.console.print(
-            f"model: {d['params']:,} parameters ({c['n_layers']} layers, dim {c['dim']}, "
-            f"{c['n_heads']} heads, vocab {c['vocab_size']}); seq-len {d['seq_len']}, "
-            f"{d['device']} {d['precision']}" + (f", {d['world_size']} processes" if d["world_size"] > 1 else "")
-        )
-        if self.quiet:
-            return
-        self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[rate]:,.0f} tok/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        total = d["total_steps"] if d["total_steps"] < 10**9 else None
-        self.task = self.progress.add_task("train", total=total, completed=d["start_step"], loss=float("nan"), rate=0.0)
-
-    def _update(self, step, total, **fields):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, total=total if total < 10**9 else None, **fields)
-
-    def on_tick(self, d):
-        self._update(d["step"], d["total_steps"])
-
-    def on_step(self, d):
-        self.loss, self.rate = d["loss"], d["tokens_per_s"]
-        self._update(d["step"], d["total_steps"], loss=d["loss"], rate=d["tokens_per_s"])
-
-    def on_schedule(self, d):
-        self._update(self.progress.tasks[0].completed if self.progress else 0, d["total_steps"])
-
-    def on_eval(self, d):
-        bpb = f", {d['val_bpb']:.3f} bits/byte" if d["val_bpb"] is not None else ""
-        self.console.print(f"step {d['step']}: val loss {d['val_loss']:.4f}{bpb}")
-
-    def on_sample(self, d):
-        self.console.print(f"[dim]sample at step {d['step']}:[/]\n[cyan]{d['text']}[/]")
-
-    def close(self):
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def train(
@@ -158,29 +57,13 @@ def train(
         log_every=log_every, sample_every=sample_every,
     )
     cfg = load_train_config(config, flags)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    err = Console(stderr=True, quiet=not is_main, soft_wrap=True)
-    stop = threading.Event()
-    previous = _install_interrupt(stop, err)
-    reporter = _Reporter(err, quiet or not is_main)
-    try:
-        card = run_training(
+    run_with_progress(
+        lambda on_event, stop: run_training(
             cfg, corpus, output, cache_dir or default_cache_dir(), resume=resume, overwrite=overwrite,
-            on_event=reporter, stop=stop, sampler=_default_sampler(),
-        )
-    finally:
-        reporter.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if not is_main:
-        return
-    if as_json:
-        typer.echo(json.dumps(card, indent=2))
-    else:
-        render_run_card(card, Console())
-    if card["interrupted"]:
-        err.print(f"interrupted at step {card['steps']}: continue with the same command plus --resume")
-        raise typer.Exit(130)
+            on_event=on_event, stop=stop, sampler=_default_sampler(),
+        ),
+        quiet, as_json,
+    )
 
 
 def _default_sampler():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import torch
 from models import CheckpointError, ConfigError, ModelConfig, Transformer, get_preset
 from models.weights import CONFIG_FILE, WEIGHTS_FILE, load_config, load_weights
 from tformer_cli.errors import TformerError
+from tformer_cli.train_config import read_settings_file
 
 
 @dataclass
@@ -88,30 +87,8 @@ def from_preset(name: str) -> ModelSource:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    """A TOML file (tomllib on 3.11+, tomli before), or JSON when the name ends in .json."""
-    if not path.is_file():
-        raise TformerError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TformerError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    else:
-        try:
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover - Python 3.10
-                import tomli as tomllib
-        except ImportError:  # pragma: no cover
-            raise TformerError(f"{path}: reading TOML needs Python 3.11+ or `pip install tomli`; or write it as .json") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise TformerError(f"{path}: invalid TOML: {e}") from None
-    if not isinstance(data, dict):
-        raise TformerError(f"{path}: expected a table with a [model] section")
-    return data
+    """A TOML file, or JSON when the name ends in .json (the format `tformer train --config` reads)."""
+    return read_settings_file(path)
 
 
 def from_config_file(path: Path) -> ModelSource:
