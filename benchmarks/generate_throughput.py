@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device, job="inference")
     console = Console(width=None if sys.stdout.isatty() else 120)  # a readable table in a log too
     table = Table(title=f"generation on {device} {precision}, {torch.get_num_threads()} threads, "
                         f"prompt {args.prompt_len} tokens, greedy")

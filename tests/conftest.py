@@ -1,8 +1,15 @@
-"""Shared fixtures: the repo's shared data and an in-process CLI runner."""
+"""Shared fixtures: an in-process CLI runner, a private cache, and a guard on what tests read.
+
+Tests are self-contained: the data they need is built by tests/fixtures.py from text every
+Python has. The guard below fails any test that opens a file in ../shared (which only our own
+machines have beside the repository), so a test that needs it cannot pass here and fail on a
+user's clone.
+"""
 
 from __future__ import annotations
 
 import io
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +18,17 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED = ROOT.parent / "shared"
+
+
+def _forbid_shared(event: str, args: tuple) -> None:
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(args[0]))
+        if path.startswith(str(SHARED) + os.sep):
+            raise PermissionError(f"tests must not read {path}: a user's clone has no ../shared")
+
+
+sys.addaudithook(_forbid_shared)
 
 
 @dataclass
@@ -45,11 +62,13 @@ def cli():
     return run_cli
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not found: tests that read real corpora need ../shared beside the repo")
-    return SHARED_DATA
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """tformer's cache (tokenised corpora) lives in a temporary folder, not in ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TFORMER_CACHE", str(tmp_path_factory.mktemp("tformer-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(autouse=True)

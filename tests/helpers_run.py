@@ -10,11 +10,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from fixtures import corpus_text
 
 from models import Transformer, get_preset, save_model
 from tformer_cli.tokenizer import load_tokenizer, train_tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 CORPUS_CHARS = 100_000  # enough for a 300-600 token vocabulary, trains in well under a second
 
 
@@ -26,17 +26,17 @@ def make_tokenizer(corpus_text: str, path: Path, vocab_size: int = 400) -> Path:
 
 @functools.cache
 def shared_tokenizer(vocab_size: int = 500) -> Path:
-    """A tokenizer trained on a slice of tinyshakespeare, once per test session and vocab size."""
+    """A tokenizer trained on a slice of the fixture corpus, once per test session and vocab size."""
     directory = Path(tempfile.mkdtemp(prefix="tformer-tok-"))
     atexit.register(shutil.rmtree, directory, True)
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:CORPUS_CHARS]
+    text = corpus_text(CORPUS_CHARS)
     return make_tokenizer(text, directory / f"tok{vocab_size}.model", vocab_size=vocab_size)
 
 
 def _train_briefly(net: Transformer, tokenizer: Path, steps: int, seq_len: int = 64) -> None:
-    """A few AdamW steps on tinyshakespeare, so the model's text is less random than its init."""
+    """A few AdamW steps on the fixture corpus, so the model's text is less random than its init."""
     tok = load_tokenizer(tokenizer)
-    data = torch.tensor(tok.encode(SHAKESPEARE.read_text(encoding="utf-8")[:CORPUS_CHARS]))
+    data = torch.tensor(tok.encode(corpus_text(CORPUS_CHARS)))
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     net.train()

@@ -17,7 +17,7 @@ from tformer_cli.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok_path(shared_data):
+def tok_path():
     return shared_tokenizer(500)
 
 
@@ -92,7 +92,8 @@ def test_piped_replies_are_the_sessions_greedy_replies(chat_run, cli):
     model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
     session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=15)
     expected = [session.reply("Hello"), session.reply("Who are you?")]
-    res = cli("chat", "-m", chat_run, "--temperature", "0", "-n", "15", stdin="Hello\nWho are you?\n")
+    res = cli("chat", "-m", chat_run, "--temperature", "0", "--precision", "fp32", "-n", "15",
+              stdin="Hello\nWho are you?\n")
     assert res.stdout.splitlines() == [e.strip().replace("\n", "\\n") for e in expected]
 
 
@@ -179,3 +180,10 @@ def test_load_errors_are_one_line(chat_run, cli, tmp_path):
     bad.write_text("[1, 2]")
     res = cli("chat", "-m", chat_run, stdin=f"/load {bad}\n")
     assert res.exit_code == 1 and "not a tformer chat transcript" in res.stderr
+
+
+def test_stats_shows_the_sampling_settings_as_words(chat_run, cli):
+    res = cli("chat", "-m", chat_run, "--top-k", "40", stdin="/stats\n")
+    assert res.exit_code == 0, res.stderr
+    assert "sampling: temperature 0.7, top-k 40, top-p 0.95, repetition penalty 1.1 (min-p off)" in res.stderr
+    assert "SamplingConfig" not in res.stderr

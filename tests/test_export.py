@@ -50,7 +50,7 @@ def test_hf_export_greedy_continuation_equals_tformer_generate(run, cli, tmp_pat
                                                "tokenizer.model", "tokenizer_config.json"}
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
-    ours = cli("generate", "-m", run, "-p", PROMPT, "-n", "40", "--temperature", "0", "--json")
+    ours = cli("generate", "-m", run, "-p", PROMPT, "-n", "40", "--temperature", "0", "--precision", "fp32", "--json")
     assert ours.exit_code == 0, ours.stderr
     ours = json.loads(ours.stdout)
 

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import corpus_text, instruction_records, write_instructions
 from helpers_run import make_run, make_tokenizer
 from safetensors.torch import load_file
 
@@ -23,9 +24,8 @@ from tformer_cli.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def tok_path(shared_data, tmp_path_factory):
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:60_000]
-    text += (shared_data / "instructions.jsonl").read_text()[:60_000]
+def tok_path(tmp_path_factory):
+    text = corpus_text(60_000) + "".join(json.dumps(r) + "\n" for r in instruction_records(400))
     return make_tokenizer(text, tmp_path_factory.mktemp("ft") / "tok.model", vocab_size=600)
 
 
@@ -48,10 +48,8 @@ def base(tok_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data400(shared_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ft") / "ins400.jsonl"
-    path.write_text("".join((shared_data / "instructions.jsonl").read_text().splitlines(keepends=True)[:400]))
-    return path
+def data400(tmp_path_factory):
+    return write_instructions(tmp_path_factory.mktemp("ft") / "ins400.jsonl", 400)
 
 
 # -- data formats -----------------------------------------------------------------------------

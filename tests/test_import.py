@@ -8,7 +8,8 @@ import shutil
 import pytest
 import sentencepiece as spm
 import torch
-from helpers_run import SHAKESPEARE, make_run, shared_tokenizer
+from fixtures import write_corpus
+from helpers_run import make_run, shared_tokenizer
 
 from tformer_cli.export_hf import export_hf
 from tformer_cli.import_hf import import_hf
@@ -28,9 +29,8 @@ def _one_line_error(res, *parts):
 def plain_tokenizer(tmp_path_factory):
     """A sentencepiece model like a Llama one: byte fallback, no pad, no tformer chat markers."""
     directory = tmp_path_factory.mktemp("plain")
-    corpus = directory / "c.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=320,
+    corpus = write_corpus(directory / "c.txt", 50_000)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=400,
                                    model_type="bpe", byte_fallback=True, minloglevel=2)
     return directory / "tokenizer.model"
 
@@ -90,7 +90,7 @@ def test_sharded_bf16_checkpoint_imports(tmp_path):
 
 
 def test_imported_model_without_chat_markers_generates_chats_and_finetunes_on_text(plain_tokenizer, cli, tmp_path):
-    _random_llama(tmp_path / "hf", plain_tokenizer, 320)
+    _random_llama(tmp_path / "hf", plain_tokenizer, 400)
     res = cli("import", tmp_path / "hf", "-o", tmp_path / "run")
     assert res.exit_code == 0 and "no tformer chat markers" in res.stdout, res.stderr
     run = tmp_path / "run"
@@ -116,7 +116,7 @@ def test_import_errors(cli, tmp_path, plain_tokenizer):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
     _one_line_error(cli("import", gpt2, "-o", tmp_path / "r"), "unsupported architecture 'gpt2'", "llama")
 
-    _random_llama(tmp_path / "hf", plain_tokenizer, 320)
+    _random_llama(tmp_path / "hf", plain_tokenizer, 400)
     (tmp_path / "hf" / "tokenizer.model").rename(tmp_path / "hf" / "tokenizer.json")
     _one_line_error(cli("import", tmp_path / "hf", "-o", tmp_path / "r"), "no sentencepiece tokenizer.model", "tokenizer.json")
     (tmp_path / "hf" / "tokenizer.json").rename(tmp_path / "hf" / "tokenizer.model")

@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from fixtures import write_corpus
 
 from tformer_cli.pretokenize import pretokenize, pretokenize_cached
 from tformer_cli.tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(shared_data, tmp_path_factory):
+def tok(tmp_path_factory):
     base = tmp_path_factory.mktemp("pretok")
-    corpus = base / "c.txt"
-    corpus.write_text((shared_data / "tinyshakespeare.txt").read_text()[:80_000])
+    corpus = write_corpus(base / "c.txt", 80_000)
     return load_tokenizer(train_tokenizer([corpus], base / "t.model", vocab_size=500).path)
 
 

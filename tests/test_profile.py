@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import ModelConfig, Transformer, save_model
 from models.flops import flops_per_token
 from tformer_cli.commands.profile import parse_seq_lens
+from tformer_cli.device import DTYPES, auto_precision
 from tformer_cli.profiling import analytic
 from tformer_cli.profiling.fit import largest, will_it_fit
 from tformer_cli.profiling.memory import PeakMemory
@@ -193,9 +194,11 @@ def test_quick_profile_json_schema(cli, tmp_path):
             assert data[key] > 0, key
     cfg = ModelConfig.from_dict(data["model"]["config"])
     assert data["params"] == cfg.num_params() == sum(data["params_by_component"].values())
-    assert data["precision"] == "fp32" and data["device"] == "cpu" and data["seq_len"] == 64
+    auto, _ = auto_precision(torch.device("cpu"), "inference")  # what this machine's rule picks
+    assert data["precision"] == auto and data["device"] == "cpu" and data["seq_len"] == 64
     assert data["flops_per_token"] == flops_per_token(cfg, 64)
-    assert data["kv_cache_bytes"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 64 * 1 * 4
+    elem = DTYPES[auto].itemsize
+    assert data["kv_cache_bytes"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 64 * 1 * elem
     assert data["decode_tokens_per_s"] > 0 and data["decode_cache_speedup"] > 0
     assert 0 < data["mfu"] and data["decode_bandwidth_utilization"] > 0
     assert set(data["measured"]["attention"]) == {"sdpa", "math"}

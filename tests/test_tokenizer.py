@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures import write_corpus
 
 from tformer_cli.errors import TformerError
 from tformer_cli.tokenizer import CHAT_MARKERS, load_tokenizer, train_tokenizer
@@ -25,12 +26,13 @@ TRICKY = [
 
 
 @pytest.fixture(scope="session")
-def shakespeare_tok(shared_data, tmp_path_factory):
-    """A 2,000-token BPE tokenizer trained on tinyshakespeare through the CLI."""
+def shakespeare_tok(tmp_path_factory):
+    """A 2,000-token BPE tokenizer trained on the whole fixture corpus through the CLI."""
     from conftest import run_cli
 
-    path = tmp_path_factory.mktemp("tok") / "shakespeare.model"
-    res = run_cli("tokenize", "train", shared_data / "tinyshakespeare.txt", "-o", path, "--vocab-size", "2000")
+    base = tmp_path_factory.mktemp("tok")
+    path = base / "shakespeare.model"
+    res = run_cli("tokenize", "train", write_corpus(base / "corpus.txt"), "-o", path, "--vocab-size", "2000")
     assert res.exit_code == 0, res.stderr
     assert "2,000" in res.stdout and "chars per token" in res.stdout
     return path
@@ -60,9 +62,8 @@ def test_digits_are_split(shakespeare_tok):
 
 
 @pytest.mark.parametrize("kind", ["unigram", "char"])
-def test_other_model_types_round_trip(kind, tmp_path, shared_data):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text((shared_data / "tinyshakespeare.txt").read_text()[:50_000])
+def test_other_model_types_round_trip(kind, tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", 50_000)
     summary = train_tokenizer([corpus], tmp_path / "t.model", vocab_size=400, model_type=kind)
     tok = load_tokenizer(summary.path)
     assert summary.chars_per_token > 0.9

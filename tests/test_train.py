@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from fixtures import write_corpus
 from safetensors.torch import load_file
 
 from tformer_cli.train_config import TrainConfig, load_train_config, parse_duration
@@ -17,12 +18,9 @@ FAST = ["--preset", "nano", "--batch-size", "4", "--seq-len", "64", "--eval-batc
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
-    """The first ~150 KB of tinyshakespeare: enough to learn from, quick to tokenise."""
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:150_000]
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+def corpus(tmp_path_factory):
+    """The first ~150 KB of the fixture corpus: enough to learn from, quick to tokenise."""
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "shakespeare.txt", 150_000)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +115,29 @@ def test_interrupt_then_resume_ends_bit_for_bit_where_the_uninterrupted_run_does
     assert steps == sorted(steps)  # the resumed run's log continues, no duplicates
 
 
-def test_time_budget_stops_evaluates_and_saves(trained, corpus, cache, cli, tmp_path):
+class _VirtualClock:
+    """A perf_counter that advances a fixed tick per reading: the budget logic sees the same
+    times however busy the machine is, so the test does not depend on its speed."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_stops_evaluates_and_saves(trained, corpus, cache, cli, tmp_path, monkeypatch):
+    import types
+
+    import tformer_cli.trainer as trainer
+
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=_VirtualClock(0.02).perf_counter))
     res = cli("train", corpus, "-o", tmp_path / "timed", *FAST, "--tokenizer", trained[0] / "tokenizer.model",
               "--time", "4s", "--cache-dir", cache, "--json")
     assert res.exit_code == 0, res.stderr
     card = json.loads(res.stdout)
-    assert card["steps"] > 5
+    assert card["steps"] > 5, card["steps"]
     assert card["total_steps"] < 10**6  # the schedule was fitted to the budget
     assert card["final_val_loss"] is not None
     assert json.loads((tmp_path / "timed" / "config.json").read_text())["step"] == card["steps"]

@@ -8,20 +8,20 @@ import sys
 
 import pytest
 from conftest import run_cli
+from fixtures import write_corpus
 from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
-def setup(shared_data, tmp_path_factory):
+def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
-    corpus = base / "corpus.txt"
-    corpus.write_text((shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    corpus = write_corpus(base / "corpus.txt", 60_000)
     res = run_cli("tokenize", "train", corpus, "-o", base / "tok.model", "--vocab-size", "400")
     assert res.exit_code == 0, res.stderr
     return base, corpus
 
 
-ARGS = ["--preset", "nano", "--batch-size", "8", "--seq-len", "32", "--max-steps", "6", "--eval-every", "3",
+ARGS = ["--preset", "nano", "--precision", "fp32", "--batch-size", "8", "--seq-len", "32", "--max-steps", "6", "--eval-every", "3",
         "--eval-batches", "2", "--dropout", "0", "--quiet"]
 
 

@@ -45,21 +45,53 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_features() -> list[str]:
+    """The vector extensions that matter for speed here, as /proc/cpuinfo names them."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return [f for f in wanted if f in cpu_flags()]
+
+
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX)."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """fp32, bf16 or fp16 for --precision; auto picks the fastest correct one for the device."""
+JOBS = ("train", "inference")
+
+
+def auto_precision(device: torch.device, job: str) -> tuple[str, str]:
+    """(precision, why) that --precision auto picks for a job ("train" or "inference") on a device.
+
+    A fixed rule by device and CPU features, from measurements taken once by the benchmarks
+    (benchmarks/precision_auto.py), so the same machine always computes the same numbers:
+    - CUDA: bf16 where the GPU has it, else fp16, for both jobs.
+    - CPU, training: bf16 autocast where the CPU multiplies bf16 in hardware (AVX512-BF16 or
+      AMX; measured 1.45x the fp32 step on `small`), else fp32.
+    - CPU, inference: fp32. Decoding a small model is bound by per-token overhead and weight
+      reads, and bf16 weights decoded slower on an AVX512-BF16 CPU (573 vs 1,090 tokens/s).
+    - MPS and anything else: fp32.
+    """
+    if job not in JOBS:
+        raise ValueError(f"job must be one of {JOBS}, got {job!r}")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU runs bf16 natively"
+        return "fp16", "the GPU has no bf16; fp16 with loss scaling"
+    if device.type == "cpu" and job == "train":
+        if cpu_has_fast_bf16():
+            return "bf16", "this CPU multiplies bf16 in hardware (AVX512-BF16/AMX): bf16 autocast trains ~1.45x faster"
+        return "fp32", "this CPU has no bf16 matrix instructions: bf16 would be slower than fp32"
+    if device.type == "cpu":
+        return "fp32", "on CPUs fp32 weights decode faster than bf16 (fewer conversions per token)"
+    return "fp32", f"the safe choice on {device.type}"
+
+
+def resolve_precision(name: str, device: torch.device, job: str = "train") -> str:
+    """fp32, bf16 or fp16 for --precision; auto picks the fastest correct one for the device and job."""
     if name not in PRECISIONS:
         raise TformerError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if device.type == "cpu":
-            return "bf16" if cpu_has_fast_bf16() else "fp32"
-        return "fp32"
+        return auto_precision(device, job)[0]
     if name == "fp16" and device.type == "cpu":
         raise TformerError("--precision fp16 is for GPUs; on the CPU use bf16 or fp32")
     return name
@@ -76,6 +108,7 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_features": " ".join(cpu_features()) or "unknown",
         "cpu_bf16_fast": cpu_has_fast_bf16(),
         "cuda": torch.cuda.is_available(),
         "mps": torch.backends.mps.is_available(),
@@ -84,7 +117,11 @@ def machine_info() -> dict[str, object]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
         info["cuda_bf16"] = torch.cuda.is_bf16_supported()
-    info["auto_precision"] = resolve_precision("auto", resolve_device("auto"))
+    device = resolve_device("auto")
+    for job in JOBS:
+        precision, why = auto_precision(device, job)
+        info[f"auto_precision_{job}"] = precision
+        info[f"auto_precision_{job}_why"] = why
     return info
 
 

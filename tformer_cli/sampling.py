@@ -43,6 +43,17 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def describe(self) -> str:
+        """The settings as a person reads them, e.g. "temperature 0.7, top-p 0.95 (top-k, min-p off)"."""
+        on, off = [], []
+        for label, value, neutral in (
+            ("top-k", self.top_k, 0), ("top-p", self.top_p, 1.0), ("min-p", self.min_p, 0.0),
+            ("repetition penalty", self.repetition_penalty, 1.0),
+        ):
+            (off if value == neutral else on).append(label if value == neutral else f"{label} {value:g}")
+        head = "greedy (temperature 0)" if self.greedy else f"temperature {self.temperature:g}"
+        return ", ".join([head, *on]) + (f" ({', '.join(off)} off)" if off else "")
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty: divide positive logits of seen tokens by penalty, multiply negative ones. logits (B, V); seen (B, V) bool."""

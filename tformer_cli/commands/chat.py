@@ -65,7 +65,9 @@ def _command(session: ChatSession, line: str, err: Console, stream: _ReplyPrinte
     elif name == "stats":
         ctx = len(session.cached)
         err.print(f"context: {ctx} of {session.model.config.max_seq_len} tokens, {len(session.messages)} messages, "
-                  f"{session.dropped_turns} dropped; mode {session.mode}; sampling {session.sampling}")
+                  f"{session.dropped_turns} dropped; mode {session.mode}")
+        err.print(f"sampling: {session.sampling.describe()}; max_new_tokens {session.max_new_tokens}, "
+                  f"seed {session.seed}")
         if session.last:
             _report(session, err)
     elif name == "save":

@@ -21,7 +21,7 @@ from tformer_cli.sampling import SamplingConfig
 def load_for_inference(model_dir: Path, device: str, precision: str, compile_model: bool):
     """The run on the chosen device, its weights cast (not autocast) to the chosen precision."""
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, job="inference")
     run = load_run(model_dir, device=dev, dtype=DTYPES[prec])
     prepare_for_inference(run.model)
     if compile_model:

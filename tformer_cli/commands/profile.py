@@ -45,7 +45,7 @@ def profile(
         raise TformerError(f"--batch-size must be at least 1, got {batch_size}")
     seq_lens = parse_seq_lens(seq_len) if seq_len else [source.config.max_seq_len]
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, job="inference")
     err = Console(stderr=True)
     with err.status("profiling", spinner="dots") as status:
         report = run_profile(source, seq_lens, batch_size, dev, prec, quick=quick, run_measurements=measure,
