@@ -259,7 +259,7 @@ def test_config_file_toml_with_preset_and_overrides(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ((), "exactly one of -m RUN_DIR, --preset NAME or --config FILE"),
+    (("-m", "/nonexistent/run", "--preset", "nano"), "exactly one of -m RUN_DIR, --preset NAME or --config FILE"),
     (("--preset", "nano", "--config", "x.toml"), "exactly one of"),
     (("--preset", "nope"), "unknown preset"),
     (("--preset", "nano", "--seq-len", "abc"), "--seq-len"),

@@ -18,11 +18,14 @@ from tformer_cli.commands import (
     tokenize,
     train,
 )
+from tformer_cli.commands.help import QUICKSTART, TformerCommand, TformerGroup, examples
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
     name="tformer",
+    cls=TformerGroup,
     help="Train, fine-tune, chat with and profile small decoder-only LLMs on your own machine.",
+    epilog=examples(QUICKSTART, "Quickstart, in a folder holding corpus.txt"),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -46,15 +49,23 @@ def _root(
     """tformer: from tokens to a chatting model, on a laptop CPU or one GPU."""
 
 
-app.command("info")(info.info)
-app.command("profile")(profile.profile)
+INFO_EXAMPLES = ("tformer info", "tformer info --json")
+
+
+def _add(name: str, function, lines: tuple[str, ...]) -> None:
+    """Register a command with natural placeholders and its examples at the end of its --help."""
+    app.command(name, cls=TformerCommand, epilog=examples(lines))(function)
+
+
+_add("info", info.info, INFO_EXAMPLES)
+_add("profile", profile.profile, profile.EXAMPLES)
 app.add_typer(tokenize.app, name="tokenize")
-app.command("train")(train.train)
-app.command("generate")(generate.generate)
-app.command("chat")(chat.chat)
-app.command("finetune")(finetune.finetune)
-app.command("export")(export.export)
-app.command("import")(import_hf.import_command)
+_add("train", train.train, train.EXAMPLES)
+_add("generate", generate.generate, generate.EXAMPLES)
+_add("chat", chat.chat, chat.EXAMPLES)
+_add("finetune", finetune.finetune, finetune.EXAMPLES)
+_add("export", export.export, export.EXAMPLES)
+_add("import", import_hf.import_command, import_hf.EXAMPLES)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -7,6 +7,7 @@ of the first invalid byte (silently replacing characters would train on garbage)
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +18,19 @@ CHUNK_BYTES = 1 << 20
 LONG_LINE_CHUNKS = 16
 
 
-def resolve_corpus(paths: list[str | Path]) -> list[Path]:
-    """The corpus files: files as given, directories expanded to their .txt/.jsonl files (sorted)."""
+def resolve_corpus(paths: list[str | Path], exclude: list[str | Path] = ()) -> list[Path]:
+    """The corpus files: files as given, directories expanded to their .txt/.jsonl files (sorted).
+
+    A directory scan skips what tformer itself wrote (run directories, token caches), hidden
+    directories and the paths in exclude, so `tformer train .` never trains on its own output.
+    """
+    skip = {_key(p) for p in (*exclude, _default_cache())}
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES)
+            if _tformer_output(path):
+                raise TformerError(f"{path}: is a tformer run or token directory, not a corpus; give text files")
+            found = sorted(_scan(path, skip))
             if not found:
                 raise TformerError(f"{path}: directory holds no .txt or .jsonl files")
             files.extend(found)
@@ -36,6 +44,68 @@ def resolve_corpus(paths: list[str | Path]) -> list[Path]:
         names = ", ".join(str(p) for p in files[:3])
         raise TformerError(f"{names}: corpus is empty; give a file with text in it")
     return files
+
+
+def _key(path: str | Path) -> str:
+    """A path's identity for comparisons (resolved, so ./runs/x and runs/x are the same)."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _default_cache() -> Path:
+    from tformer_cli.pretokenize import default_cache_dir  # pretokenize builds on this module
+
+    return default_cache_dir()
+
+
+def _scan(root: Path, skip: set[str]) -> Iterator[Path]:
+    """The .txt/.jsonl files under root, not descending into skipped directories."""
+    for directory, subdirs, names in os.walk(root):
+        here = Path(directory)
+        subdirs[:] = [d for d in subdirs if not _skipped(here / d, skip)]
+        for name in names:
+            path = here / name
+            if path.suffix in CORPUS_SUFFIXES and path.is_file():
+                yield path
+
+
+def _skipped(directory: Path, skip: set[str]) -> bool:
+    """Whether a scan leaves this directory out: hidden, excluded, or tformer's own output."""
+    if directory.name.startswith(".") or _key(directory) in skip:
+        return True
+    if _tformer_output(directory):
+        return True
+    # A folder of runs (./runs) or of token caches (cache/tokens): what tformer writes, in bulk.
+    return directory.name in ("runs", "tokens") and any(
+        _tformer_output(child) for child in _subdirs(directory)
+    )
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    try:
+        return [p for p in directory.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
+def _tformer_output(directory: Path) -> bool:
+    """A run directory (finished or not) or a pre-tokenised corpus, by what tformer writes there."""
+    from tformer_cli.rundir import TRAIN_STATE_DIR, is_run_dir  # rundir builds on this module
+    from tformer_cli.runlock import LOCK_FILE
+
+    if is_run_dir(directory) or (directory / LOCK_FILE).exists() or (directory / TRAIN_STATE_DIR).is_dir():
+        return True
+    if (directory / "metrics.jsonl").is_file() and (directory / "tokenizer.model").is_file():
+        return True  # a start that has not saved its first checkpoint (config.json) yet
+    return _token_meta(directory / "meta.json")
+
+
+def _token_meta(path: Path) -> bool:
+    """Whether path is the meta.json of `tformer tokenize corpus` or of the token cache."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "tokenizer_sha256" in data
 
 
 def _decode(data: bytes, path: Path, offset: int) -> str:

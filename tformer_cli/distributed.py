@@ -37,6 +37,20 @@ class DistInfo:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def broadcast_text(self, text: str | None, device: torch.device) -> str:
+        """Rank 0's text on every rank (e.g. the run directory only rank 0 may choose)."""
+        if not self.enabled:
+            assert text is not None
+            return text
+        data = (text or "").encode("utf-8") if self.is_main else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        dist.broadcast(size, 0)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+        if self.is_main:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(buf, 0)
+        return bytes(buf.cpu().tolist()).decode("utf-8")
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True when any process says so (so all stop at the same step)."""
         if not self.enabled:

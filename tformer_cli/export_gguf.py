@@ -11,8 +11,8 @@ import torch
 
 from models.llamacpp import gguf_architecture, gguf_metadata, to_gguf_state
 from tformer_cli.errors import TformerError
-from tformer_cli.export_hf import Export, chat_template, load_for_export
-from tformer_cli.rundir import check_run_dir
+from tformer_cli.export_hf import Export, chat_template, is_lora_run, load_for_export
+from tformer_cli.model_path import resolve_model_path
 from tformer_cli.tokenizer import Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -33,7 +33,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
     gguf = import_gguf()
     if out_type not in GGUF_TYPES:
         raise TformerError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {out_type!r}")
-    run_dir, out = check_run_dir(run_dir), Path(out_file)
+    run_dir, out = resolve_model_path(run_dir), Path(out_file)
     if out.is_dir():
         raise TformerError(f"{out}: is a directory; --format gguf writes one file, e.g. -o model.gguf")
     if out.exists() and not overwrite:
@@ -65,7 +65,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
         Path(tmp).unlink(missing_ok=True)
         raise
     return Export(path=out, architecture=arch, params=sum(p.numel() for p in model.parameters()),
-                  files=[out.name], merged_lora=not (run_dir / "model.safetensors").is_file())
+                  files=[out.name], merged_lora=is_lora_run(run_dir))
 
 
 def _add_value(gguf, writer, key: str, value) -> None:

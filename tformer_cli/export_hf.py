@@ -11,7 +11,8 @@ from models.config import ConfigError
 from models.hf import gpt2_config, hf_architecture, llama_config, to_gpt2_state, to_llama_state
 from models.weights import atomic_write, atomic_write_text, save_tensors
 from tformer_cli.errors import TformerError
-from tformer_cli.rundir import TOKENIZER_FILE, check_run_dir, load_run_model
+from tformer_cli.model_path import resolve_model_path
+from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, load_run_model
 from tformer_cli.tokenizer import Tokenizer, load_tokenizer
 
 # The chat template of chat_template.py, in the Jinja that transformers' apply_chat_template runs.
@@ -65,7 +66,7 @@ def stop_ids(tok: Tokenizer) -> list[int]:
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Export:
     """Write run_dir as a transformers model directory (LoRA runs merged); returns what was written."""
-    run_dir, out = check_run_dir(run_dir), Path(out_dir)
+    run_dir, out = resolve_model_path(run_dir), Path(out_dir)
     model, info, tok, arch = load_for_export(run_dir, hf_architecture, "Hugging Face")
     cfg = model.config
     check_output_dir(out, overwrite)
@@ -110,7 +111,12 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
     _write_json(out / "tokenizer_config.json", tok_cfg)
     _write_json(out / "special_tokens_map.json", tokens)
     return Export(path=out, architecture=arch, params=sum(p.numel() for p in model.parameters()),
-                  files=list(HF_FILES), merged_lora=not (run_dir / "model.safetensors").is_file())
+                  files=list(HF_FILES), merged_lora=is_lora_run(run_dir))
+
+
+def is_lora_run(run_dir: Path) -> bool:
+    """An unmerged LoRA fine-tune: an adapter beside no full weights (export merges it)."""
+    return (run_dir / ADAPTER_FILE).is_file() and not (run_dir / "model.safetensors").is_file()
 
 
 def _write_json(path: Path, data: dict) -> None:

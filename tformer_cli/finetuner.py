@@ -25,7 +25,8 @@ from tformer_cli.device import resolve_device, resolve_precision
 from tformer_cli.distributed import init_distributed, shutdown_distributed
 from tformer_cli.errors import TformerError
 from tformer_cli.finetune_data import ExampleBatches, load_examples
-from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, check_run_dir, load_run_model
+from tformer_cli.model_path import resolve_model_path
+from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, load_run_model
 from tformer_cli.tokenizer import load_tokenizer
 from tformer_cli.train_config import TrainConfig
 from tformer_cli.trainer import Event, LoopSpec, Sampler, _noop, prepare_run_dir, run_loop
@@ -71,7 +72,7 @@ def finetune(
     """Fine-tune the base run on the data into run_dir; returns the run card."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    base = check_run_dir(base_dir).resolve()
+    base = resolve_model_path(base_dir).resolve()
     fingerprint = _base_fingerprint(base)
     base_model, _ = load_run_model(base)
     model_cfg = base_model.config

@@ -204,11 +204,15 @@ def generate(
         for i, r in enumerate(rows):
             seen[i, [t for t in r if t < vocab]] = True
     if cache is None:
-        cache = model.new_cache(B, window) if use_cache else None
+        # Only as many slots as this call can fill: a short reply from a long-context model needs a
+        # fraction of the memory, and the window slides only once it is full, so nothing changes.
+        need = min(window, max(len(r) for r in rows) + max_new_tokens)
+        cache = model.new_cache(B, need) if use_cache else None
         reuse = 0
     elif B != 1 or not 0 <= reuse < len(rows[0]):
         raise ValueError("a cache passed in serves one prompt, and reuse must leave a token to prefill")
     step_fn = decode_step_for(model) if cache is not None and fused_step else None
+    capacity = cache.max_len if cache is not None else window
 
     def prefill(win: _Window, skip: int = 0) -> torch.Tensor:
         """Logits (B, vocab) after the window; with a cache, slots skip.. are (re)written."""
@@ -227,7 +231,7 @@ def generate(
         return step_fn(tokens, cache, slot, positions, win.key_mask)[:, :vocab]
 
     t0 = time.perf_counter()
-    win = _Window(rows, starts, device, window)
+    win = _Window(rows, starts, device, capacity)
     logits = prefill(win, reuse)
     for step in range(max_new_tokens):
         token = sample(logits, sampling, generator, seen)  # (B,)
@@ -256,12 +260,12 @@ def generate(
             r.append(t)  # finished rows too: every row's window then fills and slides in step
         if win.width == window:  # the window is full: keep its last half and prefill again
             starts = [max(s, len(r) - keep) for r, s in zip(rows, starts, strict=True)]
-            win = _Window(rows, starts, device, window)
+            win = _Window(rows, starts, device, capacity)
             stats.slides += 1
             logits = prefill(win)
             continue
         if cache is None:
-            win = _Window(rows, starts, device, window)
+            win = _Window(rows, starts, device, capacity)
             logits = prefill(win)
         else:
             win.advance()

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from models import Transformer
-from models.config import ConfigError
+from models.config import ConfigError, ModelConfig
 from models.hf import config_from_llama, from_llama_state
 from models.weights import CheckpointError, atomic_write, load_tensors, save_model
 from tformer_cli.errors import TformerError
 from tformer_cli.rundir import TOKENIZER_FILE
-from tformer_cli.tokenizer import load_tokenizer
+from tformer_cli.tokenizer import Tokenizer, load_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -32,9 +32,21 @@ class Import:
     source_dtype: str
 
 
-def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> Import:
-    """Read a Llama-architecture checkpoint (safetensors + config.json + tokenizer.model) into run_dir (fp32)."""
-    src, out = Path(hf_dir), Path(run_dir)
+@dataclass
+class HFLlama:
+    """A Hugging Face Llama checkpoint read into memory (fp32), its source directory untouched."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    source_dtype: str
+
+
+def check_hf_llama(hf_dir: str | Path) -> ModelConfig:
+    """The tformer config of a Hugging Face Llama directory, after checking config and tokenizer.
+
+    Reads only config.json and tokenizer.model, so it is cheap; read_hf_llama loads the weights.
+    """
+    src = Path(hf_dir)
     if not src.is_dir():
         raise TformerError(f"{src}: no such directory; give a local Hugging Face model directory")
     hf_cfg = _read_json(src / "config.json")
@@ -48,12 +60,19 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) 
         others = [n for n in ("tokenizer.json", "tokenizer_config.json") if (src / n).is_file()]
         hint = f" (it has only {', '.join(others)}, a Hugging Face tokenizers file tformer cannot use)" if others else ""
         raise TformerError(f"{src}: no sentencepiece tokenizer.model{hint}; tformer needs one")
+    return cfg
+
+
+def read_hf_llama(hf_dir: str | Path) -> HFLlama:
+    """Load a Llama-architecture checkpoint (safetensors + config.json + tokenizer.model) as fp32.
+
+    Nothing is written: `tformer import` saves the result, `--model HF_DIR` uses it in place.
+    """
+    src = Path(hf_dir)
+    cfg = check_hf_llama(src)
     tok = load_tokenizer(src / TOKENIZER_FILE)
     if tok.vocab_size > cfg.vocab_size:
         raise TformerError(f"{src}: tokenizer.model has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise TformerError(f"{out}: already exists and is not empty; choose a new directory or pass --overwrite")
-
     hf_state = _read_weights(src)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values()})
     missing = [k for k in _needed(cfg) if k not in hf_state]
@@ -65,12 +84,23 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) 
         model.load_state_dict(state, strict=not cfg.tie_embeddings)  # a tied head shares tok_emb
     except RuntimeError as e:
         raise TformerError(f"{src}: weights do not match config.json: {str(e).splitlines()[1].strip()}") from None
+    return HFLlama(model=model.eval(), tokenizer=tok, source_dtype=",".join(dtypes))
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> Import:
+    """Read a Llama-architecture checkpoint (safetensors + config.json + tokenizer.model) into run_dir (fp32)."""
+    src, out = Path(hf_dir), Path(run_dir)
+    check_hf_llama(src)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise TformerError(f"{out}: already exists and is not empty; choose a new directory or pass --overwrite")
+    hf = read_hf_llama(src)
+    model, tok, cfg = hf.model, hf.tokenizer, hf.model.config
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, extra={"imported_from": str(src.resolve()), "source_dtype": ",".join(dtypes)})
+    save_model(model, out, extra={"imported_from": str(src.resolve()), "source_dtype": hf.source_dtype})
     atomic_write(out / TOKENIZER_FILE, lambda tmp: shutil.copyfile(src / TOKENIZER_FILE, tmp))
     return Import(path=out, params=sum(p.numel() for p in model.parameters()), vocab_size=cfg.vocab_size,
                   tokenizer_vocab_size=tok.vocab_size, has_chat_markers=tok.has_chat_markers,
-                  source_dtype=",".join(dtypes))
+                  source_dtype=hf.source_dtype)
 
 
 def _needed(cfg) -> list[str]:
@@ -93,24 +123,29 @@ def _read_json(path: Path) -> dict:
         raise TformerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def _read_weights(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors, or of the shards an index names. Pickles are refused."""
+def hf_weight_files(src: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face directory: model.safetensors or the indexed shards."""
     if (src / "model.safetensors").is_file():
-        files = [src / "model.safetensors"]
-    elif (src / INDEX_FILE).is_file():
+        return [src / "model.safetensors"]
+    if (src / INDEX_FILE).is_file():
         index = _read_json(src / INDEX_FILE)
         files = [src / name for name in sorted(set(index.get("weight_map", {}).values()))]
         if not files:
             raise TformerError(f"{src / INDEX_FILE}: its weight_map is empty")
-    elif any(src.glob("*.bin")) or any(src.glob("*.pt")):
+        for path in files:
+            if not path.is_file():
+                raise TformerError(f"{path}: a weight shard named in {INDEX_FILE} is missing")
+        return files
+    if any(src.glob("*.bin")) or any(src.glob("*.pt")):
         raise TformerError(f"{src}: only pickled PyTorch weights (.bin/.pt); tformer never unpickles, "
                            "so it imports safetensors only (save with safe_serialization=True)")
-    else:
-        raise TformerError(f"{src}: no model.safetensors or {INDEX_FILE}")
+    raise TformerError(f"{src}: no model.safetensors or {INDEX_FILE}")
+
+
+def _read_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards an index names. Pickles are refused."""
     state: dict[str, torch.Tensor] = {}
-    for path in files:
-        if not path.is_file():
-            raise TformerError(f"{path}: a weight shard named in {INDEX_FILE} is missing")
+    for path in hf_weight_files(src):
         try:
             state.update(load_tensors(path))
         except CheckpointError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,61 @@ class Run:
 
 
 ADAPTER_FILE = "adapter.safetensors"
+CHECKPOINT_FILES = (WEIGHTS_FILE, ADAPTER_FILE)
 
 
-def check_run_dir(path: str | Path) -> Path:
-    """The run directory as a Path, or a TformerError saying what is missing."""
+def read_dir_config(path: str | Path) -> dict[str, Any] | None:
+    """directory/config.json as a dict, or None when it is missing or not a JSON object."""
+    try:
+        data = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A tformer run (or one in the making): config.json says "format": "tformer"."""
+    data = read_dir_config(path)
+    return data is not None and data.get("format") == "tformer"
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory: its config.json names a model_type (tformer's never does)."""
+    data = read_dir_config(path)
+    return data is not None and data.get("format") != "tformer" and "model_type" in data
+
+
+def holds_checkpoint(run_dir: str | Path) -> bool:
+    """Whether run_dir holds trained weights a new run must not replace silently.
+
+    A resumable state, the latest weights (full or LoRA), or the best ones (written at evals, so
+    they can exist before the first latest checkpoint). A directory with none of these is an
+    unfinished start: what it holds is rebuilt by the next run.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / TRAIN_STATE_DIR / "state.json").is_file():
+        return True
+    return any((d / name).is_file() for d in (run_dir, run_dir / BEST_DIR) for name in CHECKPOINT_FILES)
+
+
+def check_run_dir(path: str | Path, tokenizer: bool = True) -> Path:
+    """The run directory as a Path, or a TformerError saying what is missing.
+
+    A Hugging Face Llama directory passes too: load_run_model reads it in place. tokenizer=False
+    accepts a run without tokenizer.model (profiling needs only the config and the weights).
+    """
     path = Path(path)
     if not path.is_dir():
         raise TformerError(f"{path}: no such run directory; train one with `tformer train CORPUS -o {path}`")
+    if is_hf_dir(path):
+        from tformer_cli.import_hf import check_hf_llama  # import_hf builds on this module
+
+        check_hf_llama(path)
+        return path
     weights = WEIGHTS_FILE
     if (path / CONFIG_FILE).is_file() and not (path / WEIGHTS_FILE).exists() and (path / ADAPTER_FILE).exists():
         weights = ADAPTER_FILE  # an unmerged LoRA fine-tune: base run + adapter
-    for name in (CONFIG_FILE, weights, TOKENIZER_FILE):
+    for name in (CONFIG_FILE, weights, *((TOKENIZER_FILE,) if tokenizer else ())):
         if not (path / name).is_file():
             raise TformerError(f"{path}: incomplete run directory, {name} is missing")
     return path
@@ -55,6 +100,13 @@ def check_run_dir(path: str | Path) -> Path:
 def load_run_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
     """The plain model of a run directory (a LoRA run is its base with the adapter merged in)."""
     path = check_run_dir(path)
+    if is_hf_dir(path):
+        from tformer_cli.import_hf import read_hf_llama
+
+        # Read in place, never written to: the same conversion as `tformer import`, in memory.
+        hf = read_hf_llama(path)
+        return hf.model, {"format": "hf-llama", "imported_from": str(path.resolve()),
+                          "source_dtype": hf.source_dtype}
     info = read_config_file(path)
     config = ModelConfig.from_dict(info["model"])
     if (path / WEIGHTS_FILE).is_file():

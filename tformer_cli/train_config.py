@@ -13,12 +13,16 @@ from typing import Any
 from models import ConfigError, ModelConfig, get_preset
 from tformer_cli.errors import TformerError
 
+# The model `tformer train` builds when no --preset (or --config preset) is given; `tformer profile`
+# without a model profiles the same one.
+DEFAULT_PRESET = "micro"
+
 
 @dataclass
 class TrainConfig:
     """Everything `tformer train` needs besides the corpus and the run directory."""
 
-    preset: str = "micro"
+    preset: str = DEFAULT_PRESET
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
     tokenizer: str | None = None  # an existing tokenizer.model; None trains one
     vocab_size: int | None = None  # for a trained tokenizer; None picks by corpus size

@@ -38,15 +38,15 @@ from tformer_cli.device import DTYPES, matmul_peak_flops, resolve_device, resolv
 from tformer_cli.distributed import DistInfo, init_distributed, shutdown_distributed
 from tformer_cli.errors import TformerError
 from tformer_cli.loss import lm_loss
+from tformer_cli.model_path import DEFAULT_RUNS_DIR
 from tformer_cli.optim import build_optimizer, default_warmup, lr_at
 from tformer_cli.pretokenize import TokenData, pretokenize_cached
+from tformer_cli.run_target import RUN_CARD_FILE, claim_run_dir, prepare_run_dir
 from tformer_cli.rundir import BEST_DIR, METRICS_FILE, TOKENIZER_FILE, TRAIN_STATE_DIR
 from tformer_cli.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from tformer_cli.train_config import TrainConfig, default_vocab_size
 from tformer_cli.train_state import load_train_state, restore_rng, save_train_state
 
-RUN_CARD_FILE = "run_card.json"
-RUN_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, METRICS_FILE, RUN_CARD_FILE)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -105,29 +105,6 @@ def _noop(kind: str, data: dict[str, Any]) -> None:
 
 
 # -- setting up -----------------------------------------------------------------------------------
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; with --overwrite remove only tformer's files."""
-    if resume:
-        if not (run_dir / TRAIN_STATE_DIR / "state.json").is_file():
-            raise TformerError(
-                f"{run_dir}: nothing to resume (no {TRAIN_STATE_DIR}/state.json); "
-                "start a new run without --resume"
-            )
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TformerError(f"{run_dir}: exists and is not a directory; choose another -o")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise TformerError(
-                f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        for name in (TRAIN_STATE_DIR, BEST_DIR):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def prepare_tokenizer(
@@ -227,29 +204,44 @@ def _sparkline(values: list[float], width: int = 40) -> str:
 def train(
     cfg: TrainConfig,
     corpus_paths: list[str | Path],
-    run_dir: str | Path,
+    run_dir: str | Path | None,
     cache_dir: str | Path,
     resume: bool = False,
     overwrite: bool = False,
     on_event: Event = _noop,
     stop: threading.Event | None = None,
     sampler: Sampler | None = None,
+    runs_root: str | Path = DEFAULT_RUNS_DIR,
 ) -> dict[str, Any]:
-    """Train a model on the corpus into run_dir; returns the run card (also saved as run_card.json)."""
+    """Train a model on the corpus into run_dir; returns the run card (also saved as run_card.json).
+
+    run_dir None names the run after the corpus under runs_root (runs/corpus, or the next free
+    name); the run directory stays locked while this writes to it.
+    """
     started = time.perf_counter()
     cfg.validate()
-    run_dir, cache_dir = Path(run_dir), Path(cache_dir)
+    cache_dir = Path(cache_dir)
     stop = stop or threading.Event()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     dist, device = init_distributed(device)
     if not dist.is_main:
         on_event = _noop
+    target, failed = None, True
     try:
+        # The corpus first, so a mistyped path leaves no run directory behind.
+        exclude = [Path(run_dir)] if run_dir is not None else []
+        corpus = resolve_corpus([Path(p) for p in corpus_paths], exclude=exclude)
+        chosen = None
         if dist.is_main:
-            prepare_run_dir(run_dir, resume, overwrite)
+            target = claim_run_dir(run_dir, corpus_paths, resume, overwrite, runs_root)
+            prepare_run_dir(target.path, resume, overwrite)
+            chosen = str(target.path)
+            on_event("run_dir", {"path": chosen, "how": target.how, "auto": target.auto,
+                                 "previous": str(target.previous) if target.previous else None,
+                                 "corpus": _corpus_label(corpus_paths[0])})
+        run_dir = Path(dist.broadcast_text(chosen, device))  # every rank reads from rank 0's choice
         dist.barrier()
-        corpus = resolve_corpus([Path(p) for p in corpus_paths])
         tok = prepare_tokenizer(cfg, corpus, run_dir, resume, dist, on_event)
         data = prepare_data(corpus, tok, cache_dir, cfg, dist, on_event)
         model_cfg = cfg.model_config(tok.vocab_size)
@@ -257,9 +249,19 @@ def train(
             check_model_matches(run_dir, model_cfg)
         spec = pretraining_spec(cfg, model_cfg, tok, data)
         spec.started = started
-        return run_loop(cfg, spec, tok, run_dir, device, precision, dist, resume, on_event, stop, sampler)
+        card = run_loop(cfg, spec, tok, run_dir, device, precision, dist, resume, on_event, stop, sampler)
+        failed = False
+        return card
     finally:
+        if target is not None:
+            target.release(failed)
         shutdown_distributed(dist)
+
+
+def _corpus_label(path: str | Path) -> str:
+    """How the run names its corpus: a file as given, a directory by its name (`.` says nothing)."""
+    path = Path(path)
+    return f"{path.resolve().name}/" if path.is_dir() else str(path)
 
 
 def pretraining_spec(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, data: TokenData) -> LoopSpec:

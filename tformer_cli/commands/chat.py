@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from tformer_cli.chat_session import ChatSession
-from tformer_cli.commands.generate import load_for_inference
+from tformer_cli.commands.generate import MODEL_HELP, load_for_inference, pick_model
 from tformer_cli.errors import TformerError
 from tformer_cli.sampling import SamplingConfig
 
@@ -21,6 +21,12 @@ HELP = """commands:
   /stats               context size and speed of the last reply
   /save FILE, /load FILE   the transcript as JSON
   /help, /exit         this help; leave (Ctrl-D too). Ctrl-C stops a reply."""
+
+EXAMPLES = (
+    "tformer chat",
+    "tformer chat --model runs/corpus --temperature 0",
+    'tformer chat -m runs/chat/best --system "Answer in one sentence."',
+)
 
 _SETTABLE = {
     "temperature": float, "top_k": int, "top_p": float, "min_p": float,
@@ -122,7 +128,7 @@ class _ReplyPrinter:
 
 
 def chat(
-    model_dir: Path = typer.Option(..., "-m", "--model", help="The run directory."),
+    model_dir: Path = typer.Option(None, "-m", "--model", metavar="RUN_DIR", help=MODEL_HELP),
     system: str = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(256, "-n", "--max-new-tokens", help="Longest reply in tokens."),
     temperature: float = typer.Option(0.7, "--temperature", help="0 is greedy."),
@@ -139,11 +145,11 @@ def chat(
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
     if max_new_tokens < 1:
         raise TformerError("-n/--max-new-tokens must be at least 1")
-    run, dev, prec = load_for_inference(model_dir, device, precision, compile_model)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    run, dev, prec = load_for_inference(pick_model(model_dir, err), device, precision, compile_model)
     mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
     session = ChatSession(run.model, run.tokenizer, mode, sampling, max_new_tokens, system, seed)
     interactive = sys.stdin.isatty()
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     what = ("chat markers (fine-tuned for chat)" if mode == "chat"
             else "plain transcript (a base model: it continues \"User: ... Assistant:\")")
     hint = " /help for commands, Ctrl-D to leave." if interactive else ""

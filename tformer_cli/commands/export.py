@@ -12,12 +12,17 @@ from tformer_cli.export_gguf import GGUF_TYPES, export_gguf
 from tformer_cli.export_hf import export_hf
 
 FORMATS = ("hf", "gguf")
+EXAMPLES = (
+    "tformer export runs/corpus --format hf -o corpus-hf",
+    "tformer export runs/corpus/best --format gguf -o corpus.gguf --type q8_0",
+    "tformer export runs/chat/adapter.safetensors --format hf -o chat-hf --overwrite",
+)
 
 
 def export(
-    run_dir: Path = typer.Argument(..., help="The run directory to export (LoRA runs are merged)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="hf (a transformers directory) or gguf (one llama.cpp file)."),
-    output: Path = typer.Option(..., "-o", "--output", help="The directory (hf) or .gguf file (gguf) to write."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="The run to export: a run directory, its best/ or a checkpoint file inside either (LoRA runs are merged)."),
+    fmt: str = typer.Option(..., "--format", "-f", metavar="hf|gguf", help="hf (a transformers directory) or gguf (one llama.cpp file)."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="OUT", help="The directory (hf) or .gguf file (gguf) to write."),
     out_type: str = typer.Option("f16", "--type", help=f"GGUF weight type: {', '.join(GGUF_TYPES)} (norms stay f32)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:

@@ -15,6 +15,11 @@ from tformer_cli.sampling import SamplingConfig
 from tformer_cli.train_config import load_train_config, parse_duration
 
 SAMPLE_PROMPT = "Give three tips for staying healthy."
+EXAMPLES = (
+    "tformer finetune runs/corpus chat.jsonl -o runs/chat",
+    "tformer finetune runs/corpus/best alpaca.json -o runs/alpaca --lora-rank 16 --epochs 3",
+    "tformer finetune runs/corpus chat.jsonl -o runs/chat-full --full --lr 1e-4 --time 10m",
+)
 
 
 def _chat_sampler(model, tok) -> str:
@@ -30,9 +35,9 @@ def _chat_sampler(model, tok) -> str:
 
 
 def finetune(
-    base: Path = typer.Argument(..., help="The base run directory."),
-    data: list[Path] = typer.Argument(..., help="JSONL/JSON files (messages, instruction/input/output, prompt/completion, text) or .txt."),
-    output: Path = typer.Option(..., "-o", "--output", help="The run directory to write."),
+    base: Path = typer.Argument(..., metavar="BASE_RUN", help="The base model: a run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory."),
+    data: list[Path] = typer.Argument(..., metavar="DATA", help="JSONL/JSON files (messages, instruction/input/output, prompt/completion, text) or .txt."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="RUN_DIR", help="The run directory to write."),
     lora: bool = typer.Option(True, "--lora/--full", help="Train a LoRA adapter (default) or all weights."),
     lora_rank: int = typer.Option(8, "--lora-rank"),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha"),

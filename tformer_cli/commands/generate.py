@@ -14,8 +14,26 @@ from tformer_cli.decode_step import prepare_for_inference
 from tformer_cli.device import DTYPES, resolve_device, resolve_precision
 from tformer_cli.errors import TformerError
 from tformer_cli.generation import generate as run_generation
+from tformer_cli.model_path import find_model
 from tformer_cli.rundir import load_run
 from tformer_cli.sampling import SamplingConfig
+
+EXAMPLES = (
+    'tformer generate -p "The Zen of Python" -n 50',
+    'tformer generate -m runs/corpus -p "def " -n 100 --temperature 0',
+    'tformer generate -m runs/corpus/best/model.safetensors -p "class " --top-p 0.9 --seed 1',
+)
+MODEL_HELP = ("A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama "
+              "directory (default: the newest run under ./runs).")
+
+
+def pick_model(model_dir: Path | None, err: Console) -> Path:
+    """The directory --model names; without it the newest run under ./runs, said on stderr."""
+    path, chosen = find_model(model_dir)
+    if chosen:
+        err.print(f"using {path} (the most recently trained run; choose another with -m)",
+                  markup=False, highlight=False)
+    return path
 
 
 def load_for_inference(model_dir: Path, device: str, precision: str, compile_model: bool):
@@ -51,7 +69,7 @@ def prompt_ids(run, text: str, err: Console) -> list[int]:
 
 
 def generate(
-    model_dir: Path = typer.Option(..., "-m", "--model", help="The run directory."),
+    model_dir: Path = typer.Option(None, "-m", "--model", metavar="RUN_DIR", help=MODEL_HELP),
     prompt: list[str] = typer.Option(None, "-p", "--prompt", help="Prompt text; repeat for a batch (stdin when omitted)."),
     max_new_tokens: int = typer.Option(200, "-n", "--max-new-tokens", help="Tokens to generate."),
     temperature: float = typer.Option(0.8, "--temperature", help="0 is greedy."),
@@ -73,7 +91,7 @@ def generate(
     if max_new_tokens < 1 or num_samples < 1:
         raise TformerError("-n/--max-new-tokens and --num-samples must be at least 1")
     err = Console(stderr=True, soft_wrap=True)
-    run, dev, prec = load_for_inference(model_dir, device, precision, compile_model)
+    run, dev, prec = load_for_inference(pick_model(model_dir, err), device, precision, compile_model)
     texts = list(prompt) if prompt else [_read_stdin(err)]
     batch = [t for t in texts for _ in range(num_samples)]
     ids = [prompt_ids(run, t, err) for t in batch]

@@ -9,10 +9,15 @@ from rich.console import Console
 
 from tformer_cli.import_hf import import_hf
 
+EXAMPLES = (
+    "tformer import ~/models/TinyLlama-1.1B -o runs/tinyllama",
+    "tformer import llama-hf/ -o runs/llama --overwrite",
+)
+
 
 def import_command(
-    hf_dir: Path = typer.Argument(..., help="A local Hugging Face Llama directory: config.json, *.safetensors, tokenizer.model."),
-    output: Path = typer.Option(..., "-o", "--output", help="The run directory to create."),
+    hf_dir: Path = typer.Argument(..., metavar="HF_DIR", help="A local Hugging Face Llama directory: config.json, *.safetensors, tokenizer.model."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="RUN_DIR", help="The run directory to create."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
     """Import a local Hugging Face Llama checkpoint, so finetune, chat, generate and profile work on it."""

@@ -33,6 +33,24 @@ def install_interrupt(stop: threading.Event, console: Console):
     return None
 
 
+def run_dir_line(d: dict[str, Any]) -> str:
+    """Where the run goes, said first, and why there when tformer chose the name."""
+    path, how = d["path"], d["how"]
+    if how == "resume":
+        chosen = " (the latest run of this corpus; choose another with -o)" if d["auto"] else ""
+        return f"continuing the run in {path}{chosen}"
+    if how == "overwrite":
+        return f"training into {path}, replacing the run that was there (--overwrite)"
+    if how == "unfinished":
+        return f"training into {path}, taking over a start that saved no checkpoint"
+    if how == "next":
+        return (f"training into {path}: {d['previous']} holds an earlier run "
+                "(--resume continues the latest one instead; -o chooses the directory)")
+    if d["auto"]:
+        return f"training into {path} (named after {d['corpus']}; choose another with -o)"
+    return f"training into {path}"
+
+
 class Reporter:
     """Turns the trainer's events into a rich progress bar and log lines on stderr."""
 
@@ -45,6 +63,9 @@ class Reporter:
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         getattr(self, f"on_{kind}", lambda d: None)(data)
+
+    def on_run_dir(self, d):
+        self.console.print(run_dir_line(d), markup=False, highlight=False)
 
     def on_tokenizer_start(self, d):
         self.console.print(f"training a {d['vocab_size']}-token tokenizer on the corpus ...")

@@ -13,7 +13,13 @@ from tformer_cli.device import resolve_device, resolve_precision
 from tformer_cli.errors import TformerError
 from tformer_cli.profiling.render import render
 from tformer_cli.profiling.report import profile as run_profile
-from tformer_cli.profiling.source import resolve_source
+from tformer_cli.profiling.source import ModelSource, resolve_source
+
+EXAMPLES = (
+    "tformer profile --seq-len 2048",
+    "tformer profile -m runs/corpus --seq-len 256,512,1024 --quick",
+    "tformer profile --preset small --batch-size 8 --json profile.json",
+)
 
 
 def parse_seq_lens(text: str) -> list[int]:
@@ -27,15 +33,21 @@ def parse_seq_lens(text: str) -> list[int]:
     return values
 
 
+def default_preset_line(source: ModelSource) -> str:
+    """What profile says first when no model was named, so nobody mistakes whose figures these are."""
+    return (f"profiling the default preset of `tformer train`: {source.label} "
+            f"({source.config.num_params():,} parameters); choose another with -m, --preset or --config")
+
+
 def profile(
-    model_dir: Path = typer.Option(None, "-m", "--model", help="A run directory to profile."),
-    preset: str = typer.Option(None, "--preset", help="A named model shape: nano, micro, tiny, small, small-gqa, gpt2."),
-    config_file: Path = typer.Option(None, "--config", help="A TOML (or .json) file with a \\[model] table of model fields; `preset = NAME` starts from a preset."),
-    seq_len: str = typer.Option(None, "--seq-len", "-T", help="Context length, or a comma-separated list for a scaling table (default: the model's max_seq_len)."),
+    model_dir: Path = typer.Option(None, "-m", "--model", metavar="RUN_DIR", help="A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory."),
+    preset: str = typer.Option(None, "--preset", metavar="NAME", help="A named model shape: nano, micro, tiny, small, small-gqa, gpt2 (default: micro, as `tformer train`)."),
+    config_file: Path = typer.Option(None, "--config", metavar="FILE", help="A TOML (or .json) file with a \\[model] table of model fields; `preset = NAME` starts from a preset."),
+    seq_len: str = typer.Option(None, "--seq-len", "-T", metavar="T", help="Context length, or a comma-separated list for a scaling table (default: the model's max_seq_len)."),
     batch_size: int = typer.Option(1, "--batch-size", "-B", help="Sequences per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
-    json_path: str = typer.Option(None, "--json", help="Write every figure as JSON to this file ('-': stdout, instead of the tables)."),
+    json_path: str = typer.Option(None, "--json", metavar="FILE", help="Write every figure as JSON to this file ('-': stdout, instead of the tables)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer repetitions: about 20 s for a small model on a laptop CPU."),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="Run the measurements (--no-measure: analytic figures only, instant)."),
 ) -> None:
@@ -47,6 +59,8 @@ def profile(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev, job="inference")
     err = Console(stderr=True)
+    if source.default:
+        err.print(default_preset_line(source), markup=False, highlight=False, soft_wrap=True)
     with err.status("profiling", spinner="dots") as status:
         report = run_profile(source, seq_lens, batch_size, dev, prec, quick=quick, run_measurements=measure,
                              on_progress=lambda what: status.update(f"measuring: {what}"))

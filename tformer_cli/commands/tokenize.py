@@ -19,17 +19,46 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from tformer_cli.commands.help import TformerCommand, TformerGroup, examples
 from tformer_cli.errors import TformerError
 from tformer_cli.pretokenize import pretokenize
 from tformer_cli.tokenizer import load_tokenizer, train_tokenizer
 
-app = typer.Typer(no_args_is_help=True, help="Train, inspect and apply sentencepiece tokenizers.")
+# What `tformer tokenize` alone prints under its help: the first thing to type, then the next.
+QUICKSTART = (
+    "tformer tokenize train corpus.txt -o tok.model --vocab-size 2048",
+    'tformer tokenize encode -t tok.model "Hello, world"',
+    "tformer tokenize corpus corpus.txt -t tok.model -o tokens/",
+)
+TRAIN_EXAMPLES = (
+    "tformer tokenize train corpus.txt -o tok.model --vocab-size 2048",
+    "tformer tokenize train books/ -o tok.model --vocab-size 8000 --type unigram",
+    "tformer tokenize train data.jsonl -o tok.model --vocab-size 32000 --max-sentences 500000",
+)
+ENCODE_EXAMPLES = (
+    'tformer tokenize encode -t tok.model "To be, or not to be"',
+    'tformer tokenize encode -t tok.model --ids "To be"',
+    "tformer tokenize encode -t runs/corpus --json notes",
+)
+DECODE_EXAMPLES = (
+    "tformer tokenize decode -t tok.model 1 410 62 2",
+    "tformer tokenize decode -t runs/corpus 72 101",
+)
+CORPUS_EXAMPLES = (
+    "tformer tokenize corpus corpus.txt -t tok.model -o tokens/",
+    "tformer tokenize corpus books/ -t runs/corpus -o tokens/ --val-fraction 0.05",
+)
+
+app = typer.Typer(
+    cls=TformerGroup, no_args_is_help=True, help="Train, inspect and apply sentencepiece tokenizers.",
+    epilog=examples(QUICKSTART, "Start here"),
+)
 
 _STYLES = ("on grey23", "on dark_blue", "on dark_green", "on dark_red", "on purple4")
 _VISIBLE = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})  # so every piece has a width
 
 
-@app.command("train")
+@app.command("train", cls=TformerCommand, epilog=examples(TRAIN_EXAMPLES))
 def train(
     corpus: list[Path] = typer.Argument(..., help="Text files, directories of .txt, or .jsonl with a \"text\" field."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the .model file."),
@@ -76,10 +105,10 @@ def _read_text(text: str | None) -> str:
         raise TformerError(f"stdin: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-@app.command("encode")
+@app.command("encode", cls=TformerCommand, epilog=examples(ENCODE_EXAMPLES))
 def encode(
     text: str = typer.Argument(None, help="Text to encode (stdin when omitted)."),
-    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", help="The tokenizer .model file."),
+    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", metavar="FILE", help="The tokenizer .model file (or a run directory holding one)."),
     ids_only: bool = typer.Option(False, "--ids", help="Print only the ids, space separated."),
     as_json: bool = typer.Option(False, "--json", help="Print ids and pieces as JSON."),
 ) -> None:
@@ -111,10 +140,11 @@ def _token_id(word: str) -> int:
 
 
 # ignore_unknown_options: a negative id such as -1 is an id to reject, not an unknown option.
-@app.command("decode", context_settings={"ignore_unknown_options": True})
+@app.command("decode", cls=TformerCommand, epilog=examples(DECODE_EXAMPLES),
+             context_settings={"ignore_unknown_options": True})
 def decode(
     ids: list[str] = typer.Argument(None, help="Token ids (stdin when omitted)."),
-    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", help="The tokenizer .model file."),
+    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", metavar="FILE", help="The tokenizer .model file (or a run directory holding one)."),
 ) -> None:
     """Turn token ids back into text, exactly (`encode --ids | decode` gives the text back)."""
     tok = load_tokenizer(tokenizer)
@@ -126,10 +156,10 @@ def decode(
     sys.stdout.flush()
 
 
-@app.command("corpus")
+@app.command("corpus", cls=TformerCommand, epilog=examples(CORPUS_EXAMPLES))
 def corpus(
     corpus: list[Path] = typer.Argument(..., help="Text files, directories of .txt, or .jsonl files."),
-    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", help="The tokenizer .model file."),
+    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", metavar="FILE", help="The tokenizer .model file (or a run directory holding one)."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory for train.bin, val.bin and meta.json."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of each file kept for validation."),
 ) -> None:

@@ -1,4 +1,4 @@
-"""`tformer train CORPUS... -o RUN_DIR`: from raw text to a model, with progress and a run card."""
+"""`tformer train CORPUS... [-o RUN_DIR]`: from raw text to a model, with progress and a run card."""
 
 from __future__ import annotations
 
@@ -11,16 +11,22 @@ from tformer_cli.pretokenize import default_cache_dir
 from tformer_cli.train_config import load_train_config, parse_duration
 from tformer_cli.trainer import train as run_training
 
+EXAMPLES = (
+    "tformer train corpus.txt",
+    "tformer train corpus.txt --time 10m --preset tiny",
+    "tformer train corpus.txt -o runs/ten-min --resume",
+)
+
 
 def train(
-    corpus: list[Path] = typer.Argument(..., help="Text files, directories of .txt, or .jsonl with a \"text\" field."),
-    output: Path = typer.Option(..., "-o", "--output", help="The run directory to write."),
-    preset: str = typer.Option(None, "--preset", help="Model shape: nano, micro (default), tiny, small, small-gqa, gpt2."),
-    config: Path = typer.Option(None, "--config", help="A TOML file with [train] and [model] tables; flags override it."),
-    tokenizer: Path = typer.Option(None, "--tokenizer", "-t", help="Use this tokenizer.model instead of training one."),
+    corpus: list[Path] = typer.Argument(..., metavar="CORPUS", help="Text files, directories of .txt, or .jsonl with a \"text\" field."),
+    output: Path = typer.Option(None, "-o", "--output", metavar="RUN_DIR", help="The run directory to write (default: runs/<corpus name>, or the next free runs/<name>-N)."),
+    preset: str = typer.Option(None, "--preset", metavar="NAME", help="Model shape: nano, micro (default), tiny, small, small-gqa, gpt2."),
+    config: Path = typer.Option(None, "--config", metavar="FILE", help="A TOML file with \\[train] and \\[model] tables; flags override it."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", "-t", metavar="FILE", help="Use this tokenizer.model instead of training one."),
     vocab_size: int = typer.Option(None, "--vocab-size", help="Size of the tokenizer trained for this run."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (default 1000 unless --time is given)."),
-    time_budget: str = typer.Option(None, "--time", help="Wall-clock budget, e.g. 90s, 10m: stops, evaluates and saves on time."),
+    time_budget: str = typer.Option(None, "--time", metavar="DURATION", help="Wall-clock budget, e.g. 90s, 10m: stops, evaluates and saves on time."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per optimizer step, over all processes (default 16)."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Split each step into this many micro-batches."),
     seq_len: int = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the context, at most 256)."),
@@ -40,9 +46,9 @@ def train(
     save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (default 500)."),
     log_every: int = typer.Option(None, "--log-every", help="Log to metrics.jsonl every N steps (default 10)."),
     sample_every: int = typer.Option(None, "--sample-every", help="Print a sample every N steps (default: at evals; 0: never)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in -o."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where tokenised corpora are cached (default ~/.cache/tformer)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o (default: the latest run of this corpus) from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in -o (default: runs/<corpus name>)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", metavar="DIR", help="Where tokenised corpora are cached (default ~/.cache/tformer)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run card as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

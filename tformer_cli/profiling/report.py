@@ -128,6 +128,8 @@ def profile(
     report: dict[str, Any] = {
         "tformer_version": __version__,
         "model": {"source": source.kind, "label": source.label, "config": cfg.to_dict()},
+        "preset": source.preset,  # the preset's name, or None for a run or a config file
+        "default_preset": source.default,  # no model was named: the default of `tformer train`
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),

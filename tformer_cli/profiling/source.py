@@ -9,9 +9,11 @@ from typing import Any
 import torch
 
 from models import CheckpointError, ConfigError, ModelConfig, Transformer, get_preset
-from models.weights import CONFIG_FILE, WEIGHTS_FILE, load_config, load_weights
+from models.weights import WEIGHTS_FILE, load_config, load_weights
 from tformer_cli.errors import TformerError
-from tformer_cli.train_config import read_settings_file
+from tformer_cli.model_path import resolve_model_path
+from tformer_cli.rundir import is_hf_dir
+from tformer_cli.train_config import DEFAULT_PRESET, read_settings_file
 
 
 @dataclass
@@ -23,6 +25,8 @@ class ModelSource:
     label: str
     path: Path | None = None
     checkpoint_params: int | None = None  # elements stored in the run's weights file
+    preset: str | None = None  # the preset's name when kind is "preset"
+    default: bool = False  # no model was named: the default preset of `tformer train`
 
     def build(self, max_seq_len: int | None = None) -> Transformer:
         """The network, its context window raised to max_seq_len if given; a run's own weights, else a seeded init."""
@@ -34,13 +38,13 @@ class ModelSource:
             model = Transformer(cfg)
         if self.kind == "run":
             assert self.path is not None
-            if (self.path / WEIGHTS_FILE).is_file():
+            if (self.path / WEIGHTS_FILE).is_file() and not is_hf_dir(self.path):
                 load_weights(model, self.path / WEIGHTS_FILE)
-            else:  # an unmerged LoRA fine-tune: its base with the adapter merged in
+            else:  # a LoRA fine-tune (its base + the adapter) or a Hugging Face directory
                 from tformer_cli.rundir import load_run_model
 
-                merged, _ = load_run_model(self.path)
-                model.load_state_dict(merged.state_dict())
+                loaded, _ = load_run_model(self.path)
+                model.load_state_dict(loaded.state_dict())
         return model
 
 
@@ -63,11 +67,13 @@ def _numel(shape: list[int]) -> int:
 
 
 def from_run(path: Path) -> ModelSource:
-    """A run directory: its config.json, and the parameter count of its weights file."""
-    if not path.is_dir():
-        raise TformerError(f"{path}: no such run directory; train one with `tformer train CORPUS -o {path}`")
-    if not (path / CONFIG_FILE).is_file():
-        raise TformerError(f"{path}: not a run directory ({CONFIG_FILE} is missing)")
+    """What --model names (see model_path): its config, and the parameter count of its weights."""
+    path = resolve_model_path(path, tokenizer=False)  # profiling reads no text
+    if is_hf_dir(path):
+        from tformer_cli.import_hf import check_hf_llama, hf_weight_files
+
+        count = sum(checkpoint_param_count(f) for f in hf_weight_files(path))
+        return ModelSource(check_hf_llama(path), "run", str(path), path=path, checkpoint_params=count)
     cfg = load_config(path)
     weights = path / WEIGHTS_FILE
     if weights.is_file():
@@ -79,9 +85,10 @@ def from_run(path: Path) -> ModelSource:
     return ModelSource(cfg, "run", str(path), path=path, checkpoint_params=count)
 
 
-def from_preset(name: str) -> ModelSource:
+def from_preset(name: str, default: bool = False) -> ModelSource:
+    """A named preset at its own vocabulary size; default marks the one `tformer train` builds."""
     try:
-        return ModelSource(get_preset(name), "preset", name)
+        return ModelSource(get_preset(name), "preset", name, preset=name, default=default)
     except ConfigError as e:
         raise TformerError(f"--preset: {e}") from None
 
@@ -114,11 +121,15 @@ def from_config_file(path: Path) -> ModelSource:
 
 
 def resolve_source(model_dir: Path | None, preset: str | None, config_file: Path | None) -> ModelSource:
-    """Exactly one of -m, --preset, --config."""
+    """At most one of -m, --preset, --config; none profiles the default preset of `tformer train`."""
     given = [name for name, v in (("-m/--model", model_dir), ("--preset", preset), ("--config", config_file)) if v]
-    if len(given) != 1:
-        what = "none was given" if not given else f"got {' and '.join(given)}"
-        raise TformerError(f"tformer profile needs exactly one of -m RUN_DIR, --preset NAME or --config FILE ({what})")
+    if len(given) > 1:
+        raise TformerError(
+            "tformer profile takes exactly one of -m RUN_DIR, --preset NAME or --config FILE, or none "
+            f"for the default preset of `tformer train` (got {' and '.join(given)})"
+        )
+    if not given:
+        return from_preset(DEFAULT_PRESET, default=True)
     if model_dir is not None:
         return from_run(model_dir)
     if preset is not None:
