@@ -82,6 +82,53 @@ def test_cache_hit_on_the_second_call_and_miss_on_change(tok, tmp_path):
     assert not hit3 and third.directory != first.directory
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-2])
+
+
+def _bad_meta(path):
+    path.with_name("meta.json").write_text("{not json")
+
+
+def _foreign_ids(path):
+    path.write_bytes(np.full(path.stat().st_size // 2, 65000, dtype=np.uint16).tobytes())
+
+
+@pytest.mark.parametrize("damage", [_truncate, _bad_meta, _foreign_ids])
+def test_a_damaged_cache_is_rebuilt_with_a_notice(damage, tok, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text to tokenise\n" * 100)
+    first, _ = pretokenize_cached([corpus], tok, tmp_path / "cache")
+    good = first.train_path.read_bytes()
+    damage(first.train_path)
+    notices = []
+    again, hit = pretokenize_cached([corpus], tok, tmp_path / "cache", notice=notices.append)
+    assert not hit and again == first and again.train_path.read_bytes() == good
+    assert len(notices) == 1 and str(first.directory) in notices[0], notices
+
+
+def test_two_processes_tokenising_one_corpus_at_once_both_succeed(tok, tmp_path):
+    import threading
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the same corpus for both\n" * 3000)
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(pretokenize([corpus], tok, tmp_path / "tokens"))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
 def test_uint32_for_large_vocabularies():
     from tformer_cli.pretokenize import token_dtype
 

@@ -171,7 +171,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(trained, c
     [
         (["missing.txt"], "missing.txt"),
         (["{corpus}", "--preset", "huge"], "unknown preset 'huge'"),
-        (["{corpus}", "--seq-len", "100000"], "corpus too small"),
+        (["{corpus}", "--seq-len", "20000", "--batch-size", "1"], "corpus too small"),
         (["{corpus}", "--time", "ten minutes"], "--time 'ten minutes'"),
         (["{corpus}", "--batch-size", "6", "--grad-accum", "4"], "multiple of --grad-accum"),
     ],

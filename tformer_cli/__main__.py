@@ -1,3 +1,3 @@
-from tformer_cli.app import main
+from tformer_cli.entry import main
 
 main()

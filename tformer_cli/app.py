@@ -19,6 +19,7 @@ from tformer_cli.commands import (
     train,
 )
 from tformer_cli.commands.help import QUICKSTART, TformerCommand, TformerGroup, examples
+from tformer_cli.entry import INTERRUPTED
 from tformer_cli.errors import TformerError
 
 app = typer.Typer(
@@ -74,10 +75,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (TformerError, ConfigError, CheckpointError)
 
 
+def _interrupted() -> None:
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    raise SystemExit(INTERRUPTED) from None
+
+
 def _fail(message: str, code: int = 1) -> None:
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     raise SystemExit(code)
+
+
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is somewhere in the exception's chain."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         app(args=args, prog_name="tformer", standalone_mode=True)
-    except SystemExit:
+    except KeyboardInterrupt:
+        _interrupted()
+    except SystemExit as e:
+        # Typer ends a command stopped by Ctrl-C with exit 130 and no word; say it in one line.
+        if e.code == INTERRUPTED and _caused_by_ctrl_c(e):
+            _interrupted()
         raise
     except _user_errors() as e:
         if debug:

@@ -19,6 +19,8 @@ from tformer_cli.generation import GenerationStats, generate
 from tformer_cli.sampling import SamplingConfig
 from tformer_cli.tokenizer import Tokenizer
 
+TRANSCRIPT_LIMIT = 16 << 20  # bytes: /load refuses larger files (and never reads past this)
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
@@ -53,6 +55,7 @@ class ChatSession:
         self.dropped_turns = 0
         self.last: TurnStats | None = None
         self._turn = 0
+        self._lengths: dict[tuple[str, str], int] = {}
 
     # -- the conversation ------------------------------------------------------------------------
 
@@ -61,23 +64,55 @@ class ChatSession:
         return system + self.messages
 
     def prompt_ids(self) -> list[int]:
+        return self.prompt_ids_for(self.messages)
+
+    def prompt_ids_for(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt for a reply after these messages (the system prompt comes first)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
         if self.mode == "chat":
-            return encode_chat(self.tok, self.conversation())
-        return [self.tok.bos_id, *self.tok.encode(plain_transcript(self.conversation()))]
+            return encode_chat(self.tok, system + messages)
+        return [self.tok.bos_id, *self.tok.encode(plain_transcript(system + messages))]
+
+    def _message_tokens(self, message: dict[str, str]) -> int:
+        """About how many tokens a message adds to the prompt (exact in chat mode), memoised."""
+        return self._lengths[(message["role"], message["content"])]
+
+    def _measure(self, messages: list[dict[str, str]]) -> None:
+        """Encode the messages not measured yet, in one multi-threaded batch."""
+        new = list({(m["role"], m["content"]) for m in messages} - self._lengths.keys())
+        for key, ids in zip(new, self.tok.encode_batch([c for _, c in new]), strict=True):
+            self._lengths[key] = len(ids) + 2  # + role marker and <|end|> (or "User: " and "\n")
 
     def _fit(self) -> list[int]:
-        """The prompt, after dropping the oldest turns until a reply fits the window."""
+        """The prompt, after dropping the oldest turns until a reply fits the window.
+
+        Each message is encoded once (its length is remembered), and the number of turns to
+        drop is found by walking the lengths, so fitting costs linear time in the conversation's
+        length even for a loaded transcript of thousands of messages.
+        """
         window = self.model.config.max_seq_len
         budget = max(1, window - min(self.max_new_tokens, window // 2))
+        self._measure(self.messages)
+        fixed = len(self.prompt_ids_for([]))
+        total = fixed + sum(self._message_tokens(m) for m in self.messages)
+        start = 0  # the first message kept
+        while total > budget and len(self.messages) - start > 1:
+            n = self._turn_size(start)
+            total -= sum(self._message_tokens(m) for m in self.messages[start : start + n])
+            start, self.dropped_turns = start + n, self.dropped_turns + 1
+        self.messages = self.messages[start:]
         ids = self.prompt_ids()
-        while len(ids) > budget and len(self.messages) > 1:
-            pair = self.messages[0]["role"] == "user" and len(self.messages) > 2
-            self.messages = self.messages[2:] if pair else self.messages[1:]  # a user turn and its reply
+        while len(ids) > budget and len(self.messages) > 1:  # the estimate was short (plain mode)
+            self.messages = self.messages[self._turn_size(0) :]
             self.dropped_turns += 1
             ids = self.prompt_ids()
         if len(ids) > budget:  # one message alone is too long: keep its end
             ids = ids[-budget:]
         return ids
+
+    def _turn_size(self, start: int) -> int:
+        """How many messages from start the oldest turn spans: a user turn and its reply, or one."""
+        return 2 if self.messages[start]["role"] == "user" and len(self.messages) - start > 2 else 1
 
     def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn and generate the assistant's reply (streamed through on_text)."""
@@ -135,16 +170,50 @@ class ChatSession:
             raise TformerError(f"{path}: cannot write the transcript ({e.strerror})") from None
 
     def load(self, path: str | Path) -> None:
-        path = Path(path)
+        """Replace the conversation with a saved transcript, checked whole before anything changes."""
+        data = read_transcript(Path(path))
+        self.system, self.messages, self.cached = data["system"], data["messages"], []
+
+
+def read_transcript(path: Path) -> dict:
+    """{"system": str | None, "messages": [{"role", "content"}, ...]} from a /save file, or a TformerError.
+
+    Only regular files up to TRANSCRIPT_LIMIT bytes are read (never /dev/zero or a pipe that
+    does not end), and every field is checked, so a loaded transcript cannot fail a later turn.
+    """
+    try:
+        if not path.is_file():
+            raise TformerError(f"{path}: no such transcript" if not path.exists() else
+                               f"{path}: not a regular file; /load reads a transcript saved with /save")
+        if path.stat().st_size > TRANSCRIPT_LIMIT:
+            raise TformerError(f"{path}: {path.stat().st_size:,} bytes is over the transcript limit of "
+                               f"{TRANSCRIPT_LIMIT >> 20} MB")
+        with open(path, "rb") as f:
+            raw = f.read(TRANSCRIPT_LIMIT + 1)
+    except OSError as e:
+        raise TformerError(f"{path}: cannot read the transcript ({e.strerror})") from None
+    if len(raw) > TRANSCRIPT_LIMIT:
+        raise TformerError(f"{path}: over the transcript limit of {TRANSCRIPT_LIMIT >> 20} MB")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TformerError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except ValueError as e:
+        raise TformerError(f"{path}: not JSON ({e})") from None
+    what = f"{path}: not a tformer chat transcript"
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise TformerError(f'{what} (JSON with a "messages" list)')
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise TformerError(f'{what}: "system" must be a string or null, got {type(system).__name__}')
+    for n, m in enumerate(data["messages"], start=1):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            raise TformerError(f'{what}: message {n} must be {{"role": "user" or "assistant", "content": a string}}')
+    messages = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
+    for n, text in enumerate([system or "", *(m["content"] for m in messages)]):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            messages = data["messages"]
-            if not all(m["role"] in ("user", "assistant") and isinstance(m["content"], str) for m in messages):
-                raise ValueError
-        except FileNotFoundError:
-            raise TformerError(f"{path}: no such transcript") from None
-        except OSError as e:
-            raise TformerError(f"{path}: cannot read the transcript ({e.strerror})") from None
-        except (ValueError, KeyError, TypeError):
-            raise TformerError(f"{path}: not a tformer chat transcript (JSON with \"messages\")") from None
-        self.system, self.messages, self.cached = data.get("system"), messages, []
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\\udcff"); no text holds one
+            where = '"system"' if n == 0 else f"message {n}"
+            raise TformerError(f"{what}: {where} holds an escaped lone surrogate, which is not text") from None
+    return {"system": system or None, "messages": messages}

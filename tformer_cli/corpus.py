@@ -174,3 +174,14 @@ def iter_documents(path: Path) -> Iterator[tuple[int, str]]:
     """(byte offset, text) pieces of one corpus file: line-aligned chunks of a .txt, records of a .jsonl."""
     return iter_jsonl_texts(path) if path.suffix == ".jsonl" else iter_text_chunks(path)
 
+
+def check_corpus_text(files: list[Path]) -> None:
+    """Read the corpus once, as training will: raise naming the file and place of the first bad byte or record.
+
+    Checking before a run starts means a bad corpus stops the command before it creates,
+    replaces or deletes anything.
+    """
+    for path in files:
+        for _ in iter_documents(path):
+            pass
+

@@ -11,7 +11,14 @@ import torch
 
 from models.llamacpp import gguf_architecture, gguf_metadata, to_gguf_state
 from tformer_cli.errors import TformerError
-from tformer_cli.export_hf import Export, chat_template, is_lora_run, load_for_export
+from tformer_cli.export_hf import (
+    Export,
+    cannot_write,
+    chat_template,
+    check_export_target,
+    is_lora_run,
+    load_for_export,
+)
 from tformer_cli.model_path import resolve_model_path
 from tformer_cli.tokenizer import Tokenizer
 
@@ -34,6 +41,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
     if out_type not in GGUF_TYPES:
         raise TformerError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {out_type!r}")
     run_dir, out = resolve_model_path(run_dir), Path(out_file)
+    check_export_target(run_dir, out)
     if out.is_dir():
         raise TformerError(f"{out}: is a directory; --format gguf writes one file, e.g. -o model.gguf")
     if out.exists() and not overwrite:
@@ -42,6 +50,21 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
     cfg = model.config
     state = to_gguf_state({k: v.detach() for k, v in model.state_dict().items()}, cfg)
 
+    try:
+        _write_gguf(gguf, run_dir, out, state, cfg, arch, tok, info, out_type, overwrite)
+    except OSError as e:
+        raise cannot_write(out, e) from None
+    return Export(path=out, architecture=arch, params=sum(p.numel() for p in model.parameters()),
+                  files=[out.name], merged_lora=is_lora_run(run_dir))
+
+
+def _write_gguf(gguf, run_dir: Path, out: Path, state, cfg, arch: str, tok: Tokenizer, info: dict,
+                out_type: str, overwrite: bool) -> None:
+    """Write a temporary file beside out, then move it into place in one step.
+
+    Without overwrite the move is a hard link, which fails if out appeared in the meantime, so
+    a file that another process wrote there is never replaced.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -60,12 +83,25 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
         writer.write_tensors_to_file()
         writer.close()
         os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            _move_no_clobber(tmp, out)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return Export(path=out, architecture=arch, params=sum(p.numel() for p in model.parameters()),
-                  files=[out.name], merged_lora=is_lora_run(run_dir))
+
+
+def _move_no_clobber(tmp: str, out: Path) -> None:
+    """Rename tmp to out unless out exists (atomically where the file system has hard links)."""
+    taken = TformerError(f"{out}: already exists; choose another name or pass --overwrite")
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise taken from None
+    except OSError:  # no hard links here (some network and FAT file systems): check, then rename
+        if out.exists():
+            raise taken from None
+        os.replace(tmp, out)
 
 
 def _add_value(gguf, writer, key: str, value) -> None:

@@ -12,7 +12,8 @@ from models.hf import gpt2_config, hf_architecture, llama_config, to_gpt2_state,
 from models.weights import atomic_write, atomic_write_text, save_tensors
 from tformer_cli.errors import TformerError
 from tformer_cli.model_path import resolve_model_path
-from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, load_run_model
+from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, is_run_dir, load_run_model
+from tformer_cli.runlock import LOCK_FILE, RunLock
 from tformer_cli.tokenizer import Tokenizer, load_tokenizer
 
 # The chat template of chat_template.py, in the Jinja that transformers' apply_chat_template runs.
@@ -37,11 +38,45 @@ class Export:
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory (or an existing file) unless overwrite."""
+    """Refuse a non-empty output directory (or an existing file) unless overwrite.
+
+    The lock file of an export writing there now does not count: RunLock names that process.
+    """
     if out.exists() and not out.is_dir():
         raise TformerError(f"{out}: exists and is not a directory; give a new directory with -o")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
         raise TformerError(f"{out}: is not empty; choose a new directory or pass --overwrite")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_export_target(run_dir: Path, out: Path) -> None:
+    """Refuse an output that would write into a run (the exported one or any other): lose no run.
+
+    Paths are compared resolved (symlinks followed), so another spelling of the run is caught too.
+    """
+    src, dst = run_dir.resolve(), out.resolve()
+    if _within(dst, src):
+        raise TformerError(f"-o {out} lies inside the run being exported ({run_dir}); "
+                           "choose a path outside it")
+    if _within(src, dst):
+        raise TformerError(f"-o {out} contains the run being exported ({run_dir}); "
+                           "choose a path outside it")
+    if is_run_dir(dst):
+        raise TformerError(f"-o {out} is a tformer run, which an export never replaces "
+                           "(not even with --overwrite); choose a new path")
+    for folder in dst.parents:
+        if is_run_dir(folder):
+            raise TformerError(f"-o {out} lies inside the run {folder}; an export never writes "
+                               "into a run: choose a path outside it")
+
+
+def cannot_write(out: Path, e: OSError) -> TformerError:
+    """The one-line error for an export that the file system refused (permissions, disk full)."""
+    return TformerError(f"{out}: cannot write the export ({e.strerror or e}); "
+                        "check the path, its permissions and the free space")
 
 
 def load_for_export(run_dir: Path, architecture, target: str):
@@ -67,9 +102,19 @@ def stop_ids(tok: Tokenizer) -> list[int]:
 def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Export:
     """Write run_dir as a transformers model directory (LoRA runs merged); returns what was written."""
     run_dir, out = resolve_model_path(run_dir), Path(out_dir)
-    model, info, tok, arch = load_for_export(run_dir, hf_architecture, "Hugging Face")
-    cfg = model.config
+    check_export_target(run_dir, out)
     check_output_dir(out, overwrite)
+    model, info, tok, arch = load_for_export(run_dir, hf_architecture, "Hugging Face")
+    try:
+        with RunLock(out):  # one writer: a second export (or a run) into out is refused
+            check_output_dir(out, overwrite)  # again, now that nobody else can write there
+            return _write_hf(run_dir, out, model, info, tok, arch)
+    except OSError as e:
+        raise cannot_write(out, e) from None
+
+
+def _write_hf(run_dir: Path, out: Path, model, info: dict, tok: Tokenizer, arch: str) -> Export:
+    cfg = model.config
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if arch == "LlamaForCausalLM":
         hf_state, hf_cfg = to_llama_state(state, cfg), llama_config(cfg)

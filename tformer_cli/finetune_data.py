@@ -12,6 +12,7 @@ The first three go through the chat template with loss on the assistant's tokens
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,33 +38,63 @@ class Example:
     mask: list[bool]  # True where the token is a training target
 
 
-def read_records(path: Path) -> list[tuple[str, object]]:
-    """(where, record) pairs of a data file; where is "file:line" for JSONL."""
+RECORD_LIMIT = 1 << 20  # bytes in one JSONL line (one record); a .txt file is read up to this much
+JSON_LIMIT = 64 << 20  # a .json array is parsed whole, so it is bounded; JSONL has no file limit
+
+
+def read_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) pairs of a data file, streamed; where is "file:line" for JSONL.
+
+    JSONL is read a line at a time, each line at most RECORD_LIMIT bytes, so memory stays
+    bounded by the records kept, whatever the file's size. Only the first window of a text is
+    ever trained on, so a .txt file is read up to RECORD_LIMIT bytes.
+    """
     if not path.is_file():
         raise TformerError(f"{path}: no such data file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TformerError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     if path.suffix == ".txt":
-        return [(str(path), {"text": text})] if text.strip() else []
+        with open(path, "rb") as f:
+            text = _utf8(f.read(RECORD_LIMIT), str(path), cut_ok=True)
+        if text.strip():
+            yield str(path), {"text": text}
+        return
     if path.suffix == ".json":
+        if path.stat().st_size > JSON_LIMIT:
+            raise TformerError(
+                f"{path}: a .json array over {JSON_LIMIT >> 20} MB; write the records as JSONL "
+                "(one per line), which is streamed"
+            )
+        text = _utf8(path.read_bytes(), str(path))
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise TformerError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(data, list):
             raise TformerError(f"{path}: a .json data file must hold an array of records")
-        return [(f"{path}: record {i + 1}", r) for i, r in enumerate(data)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise TformerError(f"{path}:{lineno}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
-    return records
+        for i, r in enumerate(data):
+            yield f"{path}: record {i + 1}", r
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(RECORD_LIMIT + 1), b""), start=1):
+            where = f"{path}:{lineno}"
+            if len(raw) > RECORD_LIMIT:
+                raise TformerError(f"{where}: a record longer than {RECORD_LIMIT >> 20} MB; split it")
+            line = _utf8(raw, where)
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TformerError(f"{where}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _utf8(data: bytes, where: str, cut_ok: bool = False) -> str:
+    """data as text; cut_ok drops a character split at the end of a partial read."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if cut_ok and e.start >= len(data) - 3 and e.reason == "unexpected end of data":
+            return data[: e.start].decode("utf-8")
+        raise TformerError(f"{where}: not UTF-8 text (byte offset {e.start})") from None
 
 
 def record_messages(record: object, where: str) -> tuple[str, list[dict[str, str]] | str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,16 +19,28 @@ import torch
 
 from models import Transformer
 from models.lora import apply_lora, lora_state, merge_lora
-from models.weights import read_config_file, save_state, save_tensors, write_config
+from models.weights import (
+    atomic_write_bytes,
+    read_config_file,
+    save_state,
+    save_tensors,
+    write_config,
+)
 from tformer_cli.device import resolve_device, resolve_precision
 from tformer_cli.distributed import init_distributed, shutdown_distributed
 from tformer_cli.errors import TformerError
 from tformer_cli.finetune_data import ExampleBatches, load_examples
 from tformer_cli.model_path import resolve_model_path
+from tformer_cli.run_target import (
+    check_run_dir_use,
+    claim_given,
+    clear_run_dir,
+    refuse_output_over_inputs,
+)
 from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, load_run_model
 from tformer_cli.tokenizer import load_tokenizer
 from tformer_cli.train_config import TrainConfig
-from tformer_cli.trainer import Event, LoopSpec, Sampler, _noop, prepare_run_dir, run_loop
+from tformer_cli.trainer import Event, LoopSpec, Sampler, _noop, check_batch_fits, run_loop
 
 
 @dataclass
@@ -46,6 +57,23 @@ class FinetuneOptions:
     val_data: list[Path] = field(default_factory=list)
     epochs: float = 1.0
     merge: bool = False
+
+    def validate(self) -> None:
+        """Raise a TformerError naming the first option out of range."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise TformerError(f"--lora-rank must be a whole number of at least 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise TformerError(f"--lora-alpha must be a positive number, got {self.alpha}")
+        if not 0 <= self.dropout < 1:  # NaN fails this too
+            raise TformerError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise TformerError(f"--epochs must be a positive number of passes over the data, got {self.epochs}")
+        if not 0 < self.val_split < 1:
+            raise TformerError(
+                f"--val-split must be between 0 and 1 (the share of examples held out), got {self.val_split}"
+            )
+        if self.lora and not self.targets:
+            raise TformerError("--lora-targets: name at least one of q, k, v, o, mlp")
 
 
 def _base_fingerprint(base: Path) -> str:
@@ -71,8 +99,11 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune the base run on the data into run_dir; returns the run card."""
     started = time.perf_counter()
+    cfg.validate()
+    opts.validate()
     run_dir = Path(run_dir)
     base = resolve_model_path(base_dir).resolve()
+    refuse_output_over_inputs(run_dir, [Path(p) for p in [*data_paths, *opts.val_data]], [base])
     fingerprint = _base_fingerprint(base)
     base_model, _ = load_run_model(base)
     model_cfg = base_model.config
@@ -95,7 +126,6 @@ def finetune(
     pad = tok.pad_id if tok.pad_id >= 0 else tok.eos_id  # Llama tokenizers have no pad; padding is masked anyway
     train_batches = ExampleBatches(train_ex, seq_len, pad, cfg.seed)
     val_batches = ExampleBatches(val_ex, seq_len, pad, cfg.seed + 1, shuffle=False)
-    on_event("data", {"train_examples": len(train_ex), "val_examples": len(val_ex), "truncated": train_batches.truncated})
 
     if opts.lora:
         try:
@@ -134,15 +164,25 @@ def finetune(
     dist, device = init_distributed(device)
     if not dist.is_main:
         on_event = _noop
+    target, failed = None, True
     try:
         if dist.is_main:
-            prepare_run_dir(run_dir, resume, overwrite)
+            target = claim_given(run_dir, resume, overwrite)
+            check_run_dir_use(run_dir, resume, overwrite)
+        check_batch_fits(cfg, model_cfg, seq_len, precision, device, dist)
+        on_event("data", {"train_examples": len(train_ex), "val_examples": len(val_ex),
+                          "truncated": train_batches.truncated})
+        if dist.is_main:  # every input is known good: only now may an --overwrite remove a run
+            clear_run_dir(run_dir, resume)
             if not resume:
-                shutil.copyfile(base / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+                atomic_write_bytes(run_dir / TOKENIZER_FILE, (base / TOKENIZER_FILE).read_bytes())
         dist.barrier()
         card = run_loop(cfg, spec, tok, run_dir, device, precision, dist, resume, on_event,
                         stop or threading.Event(), sampler)
+        failed = False
     finally:
+        if target is not None:
+            target.release(failed)
         shutdown_distributed(dist)
     card.update(finetune=info["finetune"], train_examples=len(train_ex), truncated_examples=train_batches.truncated)
     if opts.lora and dist.is_main:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,15 +89,33 @@ def read_hf_llama(hf_dir: str | Path) -> HFLlama:
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> Import:
     """Read a Llama-architecture checkpoint (safetensors + config.json + tokenizer.model) into run_dir (fp32)."""
+    from tformer_cli.run_target import (  # run_target builds on rundir, which imports this module
+        check_run_dir_use,
+        claim_given,
+        clear_run_dir,
+        refuse_output_over_inputs,
+    )
+
     src, out = Path(hf_dir), Path(run_dir)
     check_hf_llama(src)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    refuse_output_over_inputs(out, [], [src])
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise TformerError(f"{out}: already exists and is not empty; choose a new directory or pass --overwrite")
-    hf = read_hf_llama(src)
-    model, tok, cfg = hf.model, hf.tokenizer, hf.model.config
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, extra={"imported_from": str(src.resolve()), "source_dtype": hf.source_dtype})
-    atomic_write(out / TOKENIZER_FILE, lambda tmp: shutil.copyfile(src / TOKENIZER_FILE, tmp))
+    target, failed = claim_given(out, resume=False, overwrite=overwrite), True
+    try:
+        check_run_dir_use(out, resume=False, overwrite=overwrite)
+        hf = read_hf_llama(src)  # every check passes before an --overwrite removes anything
+        model, tok, cfg = hf.model, hf.tokenizer, hf.model.config
+        clear_run_dir(out, resume=False)
+        # config.json binds the tokenizer by the sha256 of the very bytes written beside it
+        tokenizer_bytes = (src / TOKENIZER_FILE).read_bytes()
+        atomic_write(out / TOKENIZER_FILE, lambda tmp: Path(tmp).write_bytes(tokenizer_bytes))
+        extra = {"imported_from": str(src.resolve()), "source_dtype": hf.source_dtype,
+                 "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest()}
+        save_model(model, out, extra=extra)
+        failed = False
+    finally:
+        target.release(failed)
     return Import(path=out, params=sum(p.numel() for p in model.parameters()), vocab_size=cfg.vocab_size,
                   tokenizer_vocab_size=tok.vocab_size, has_chat_markers=tok.has_chat_markers,
                   source_dtype=hf.source_dtype)

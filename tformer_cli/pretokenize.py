@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -96,8 +97,10 @@ def pretokenize(
     """Tokenise the corpus into out_dir/{train,val}.bin + meta.json, a few MB at a time.
 
     progress is called with (bytes done, total bytes). The token files are written under
-    temporary names and renamed at the end, meta.json last, so a finished directory is one
-    with a meta.json that matches its token files.
+    temporary names unique to this process and renamed at the end, meta.json last, so a
+    finished directory is one with a meta.json that matches its token files, and two processes
+    tokenising one corpus into one directory at once both succeed (same bytes; the last rename
+    wins).
     """
     if not 0 <= val_fraction < 1:
         raise TformerError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -105,12 +108,18 @@ def pretokenize(
     out = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     total = sum(p.stat().st_size for p in files)
-    tmp = {split: out / f".{split}.bin.tmp" for split in SPLITS}
+    tmp: dict[str, Path] = {}
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / META_FILE).unlink(missing_ok=True)  # a stale meta.json must not vouch for new files
+        for split in SPLITS:
+            fd, name = tempfile.mkstemp(prefix=f".{split}.bin.", suffix=".tmp", dir=out)
+            os.close(fd)
+            tmp[split] = Path(name)
         sinks = {split: open(tmp[split], "wb") for split in SPLITS}
     except OSError as e:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
         raise TformerError(f"{out}: cannot write token files there ({e.strerror})") from None
     pending = _Pending(tokenizer, sinks, dtype, num_threads)
     done = 0
@@ -216,16 +225,54 @@ def default_cache_dir() -> Path:
     return Path(base) / "tformer"
 
 
+class TokenDataError(TformerError):
+    """A token directory whose files do not match its meta.json or its tokenizer."""
+
+
 def read_token_data(directory: Path) -> TokenData | None:
-    """The TokenData of a finished token directory, or None."""
+    """The TokenData of a finished token directory, or None (no meta.json, or an older format).
+
+    A meta.json that cannot be read as one raises TokenDataError.
+    """
     meta = directory / META_FILE
     if not meta.is_file():
         return None
-    data = json.loads(meta.read_text())
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise TokenDataError(f"{meta}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenDataError(f"{meta}: not a JSON object")
     if data.get("format_version") != FORMAT_VERSION:
         return None
-    fields = TokenData.__dataclass_fields__
-    return TokenData(**{k: v for k, v in data.items() if k in fields})
+    try:
+        return TokenData(**{k: data[k] for k in TokenData.__dataclass_fields__})
+    except KeyError as e:
+        raise TokenDataError(f"{meta}: no {e} field") from None
+
+
+def check_token_data(data: TokenData, vocab_size: int) -> None:
+    """Raise TokenDataError unless the token files have the sizes meta.json gives and every id < vocab_size.
+
+    The range check reads each file once (memory-mapped); it catches a cache built with another
+    tokenizer or damaged in place, which would otherwise fail mid-training with a bare IndexError.
+    """
+    try:
+        dtype = np.dtype(data.dtype)
+        counts = {"train": int(data.train_tokens), "val": int(data.val_tokens)}
+    except (TypeError, ValueError) as e:
+        raise TokenDataError(f"{data.meta_path}: bad dtype or token count ({e})") from None
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)) or min(counts.values()) < 0:
+        raise TokenDataError(f"{data.meta_path}: bad dtype {data.dtype} or a negative token count")
+    for split, n in counts.items():
+        path = data.path(split)
+        size = path.stat().st_size if path.is_file() else -1
+        if size != n * dtype.itemsize:
+            raise TokenDataError(
+                f"{path}: {size} bytes, but meta.json says {n} tokens of {dtype.itemsize} bytes"
+            )
+        if n and int(data.load(split).max()) >= vocab_size:
+            raise TokenDataError(f"{path}: holds token ids beyond the tokenizer's {vocab_size}")
 
 
 def pretokenize_cached(
@@ -234,15 +281,25 @@ def pretokenize_cached(
     cache_dir: str | Path,
     val_fraction: float = 0.1,
     progress: Progress | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> tuple[TokenData, bool]:
-    """pretokenize() into cache_dir/<key>/ unless done before; returns (data, cache hit)."""
+    """pretokenize() into cache_dir/<key>/ unless done before; returns (data, cache hit).
+
+    A cached directory that fails its checks (meta.json, sizes, id range) is rebuilt, and
+    notice (if given) is told why and where.
+    """
     files = resolve_corpus(paths)
     corpus_hash = corpus_sha256(files)
     key = hashlib.sha256(
         f"{FORMAT_VERSION}:{corpus_hash}:{tokenizer.sha256}:{val_fraction}".encode()
     ).hexdigest()[:24]
     directory = Path(cache_dir) / "tokens" / key
-    cached = read_token_data(directory)
-    if cached is not None:
-        return cached, True
+    try:
+        cached = read_token_data(directory)
+        if cached is not None:
+            check_token_data(cached, tokenizer.vocab_size)
+            return cached, True
+    except TokenDataError as e:
+        if notice:
+            notice(f"token cache damaged, rebuilding it: {e}")
     return pretokenize(files, tokenizer, directory, val_fraction, progress, corpus_hash=corpus_hash), False

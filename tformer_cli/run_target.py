@@ -164,16 +164,18 @@ def claim_run_dir(
     return claim_auto(run_name(corpus_paths), Path(root), resume, overwrite)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; with --overwrite remove only tformer's files.
+def check_run_dir_use(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Raise unless run_dir may be written as asked; touches nothing (see clear_run_dir).
 
-    A directory without a checkpoint (a start that failed early) is taken over without asking.
+    --resume needs a resumable checkpoint; without --overwrite a directory that holds a
+    checkpoint or someone else's files is refused. A directory without a checkpoint (a start
+    that failed early) may be taken over without asking.
     """
     if resume:
         if not (run_dir / TRAIN_STATE_DIR / "state.json").is_file():
             raise TformerError(
                 f"{run_dir}: nothing to resume (no {TRAIN_STATE_DIR}/state.json); "
-                "start a new run without --resume"
+                "start it again without --resume (an unfinished start is taken over)"
             )
         return
     if run_dir.exists() and not run_dir.is_dir():
@@ -190,9 +192,47 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 f"{run_dir}: holds files that are not a tformer run ({', '.join(foreign[:3])}); "
                 "choose another -o, or pass --overwrite (which removes only tformer's files)"
             )
+
+
+def clear_run_dir(run_dir: Path, resume: bool) -> None:
+    """Make run_dir ready for a new run: remove only tformer's files of an earlier one.
+
+    Called once every input of the new run is known good, after check_run_dir_use.
+    """
+    if resume:
+        return
     if run_dir.is_dir():
         _remove_run_files(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """check_run_dir_use, then clear_run_dir: for callers whose inputs are already checked."""
+    check_run_dir_use(run_dir, resume, overwrite)
+    clear_run_dir(run_dir, resume)
+
+
+def refuse_output_over_inputs(output: Path, files: list[Path], dirs: list[Path] = ()) -> None:
+    """Refuse an output directory that is, contains or lies inside what the command reads.
+
+    files: input files (an output containing one could delete it); dirs: input directories
+    that must not be the output, contain it or lie inside it (a base run, say). A corpus
+    directory may hold the runs trained on it (the corpus scan skips them), so it is not here.
+    """
+    out = Path(output).resolve()
+    for f in files:
+        f = Path(f).resolve()
+        if out == f or out in f.parents:
+            raise TformerError(
+                f"{output}: holds {f.name}, an input of this command; write the run elsewhere with -o"
+            )
+    for d in dirs:
+        d = Path(d).resolve()
+        if out == d or out in d.parents or d in out.parents:
+            raise TformerError(
+                f"{output}: is, holds or lies inside {d}, an input of this command; "
+                "write the run elsewhere with -o"
+            )
 
 
 def _remove_run_files(run_dir: Path) -> None:

@@ -97,8 +97,30 @@ def check_run_dir(path: str | Path, tokenizer: bool = True) -> Path:
     return path
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model config of a checked run (or Hugging Face) directory, without its weights."""
+    path = Path(path)
+    if is_hf_dir(path):
+        from tformer_cli.import_hf import check_hf_llama
+
+        return check_hf_llama(path)
+    return ModelConfig.from_dict(read_config_file(path)["model"])
+
+
 def load_run_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
-    """The plain model of a run directory (a LoRA run is its base with the adapter merged in)."""
+    """The plain model of a run directory (a LoRA run is its base with the adapter merged in).
+
+    The run's tokenizer.model is checked to belong to the model (see check_tokenizer), so every
+    command that loads a run (generate, chat, export, finetune's base) refuses a foreign one.
+    """
+    model, info, _ = _load_run_model(Path(path), ())
+    return model, info
+
+
+def _load_run_model(
+    path: Path, seen: tuple[Path, ...]
+) -> tuple[Transformer, dict[str, Any], Tokenizer]:
+    """load_run_model, plus the checked tokenizer; seen holds the LoRA runs that led here."""
     path = check_run_dir(path)
     if is_hf_dir(path):
         from tformer_cli.import_hf import read_hf_llama
@@ -106,21 +128,40 @@ def load_run_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
         # Read in place, never written to: the same conversion as `tformer import`, in memory.
         hf = read_hf_llama(path)
         return hf.model, {"format": "hf-llama", "imported_from": str(path.resolve()),
-                          "source_dtype": hf.source_dtype}
+                          "source_dtype": hf.source_dtype}, hf.tokenizer
     info = read_config_file(path)
     config = ModelConfig.from_dict(info["model"])
+    tokenizer = check_tokenizer(path, info, config)
     if (path / WEIGHTS_FILE).is_file():
         model = Transformer(config)
         load_weights(model, path / WEIGHTS_FILE)
-        return model, info
-    lora = info.get("lora")
-    if not lora or "base" not in info:
-        raise TformerError(f"{path}: {ADAPTER_FILE} without a \"lora\" section and \"base\" in config.json")
+        return model, info, tokenizer
+    lora = _lora_section(path, info)
     base_dir = Path(info["base"])
-    if not base_dir.is_dir():
+    here = path.resolve()
+    chain = (*seen, here)
+    if base_dir.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, base_dir.resolve()))
+        raise TformerError(
+            f"{path / CONFIG_FILE}: \"base\" makes a cycle of LoRA runs ({loop}); set \"base\" "
+            "to the run this one was fine-tuned from"
+        )
+    if not base_dir.exists():
         raise TformerError(f"{path}: its base run {base_dir} is gone; a LoRA run needs its base (or merge it with --merge)")
-    model, _ = load_run_model(base_dir)
-    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"])
+    try:
+        check_run_dir(base_dir)
+    except TformerError as e:
+        raise TformerError(f"{path}: its base run is not usable: {e}") from None
+    model, _, _ = _load_run_model(base_dir, chain)
+    if model.config != config:
+        raise TformerError(
+            f"{path}: its base run {base_dir} is not the model it was fine-tuned from (their model "
+            "configs differ); point \"base\" in config.json at the right run"
+        )
+    try:
+        apply_lora(model, lora["targets"], lora["rank"], lora["alpha"])
+    except ValueError as e:
+        raise TformerError(f"{path / CONFIG_FILE}: \"lora\": {e}") from None
     tensors = load_tensors(path / ADAPTER_FILE)
     expected = lora_state(model.state_dict())
     if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
@@ -128,18 +169,69 @@ def load_run_model(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k])
-    return merge_lora(model), info
+    return merge_lora(model), info, tokenizer
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Run:
-    """Load the model and tokenizer of a run directory for inference."""
-    path = check_run_dir(path)
-    tokenizer = load_tokenizer(path / TOKENIZER_FILE)
-    model, info = load_run_model(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
+def _lora_section(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """config.json's "lora" section of an unmerged LoRA run, checked, with "base" a path."""
+    lora, base = info.get("lora"), info.get("base")
+    if not isinstance(lora, dict) or "base" not in info:
+        raise TformerError(
+            f"{path}: {ADAPTER_FILE} without a \"lora\" section and \"base\" in config.json"
+        )
+    if not isinstance(base, str) or not base:
+        raise TformerError(
+            f"{path / CONFIG_FILE}: \"base\" must be the path of the base run, got {base!r}"
+        )
+    targets, rank, alpha = lora.get("targets"), lora.get("rank"), lora.get("alpha")
+    if (not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)
+            or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
+            or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
+        raise TformerError(
+            f"{path / CONFIG_FILE}: \"lora\" must hold \"targets\" (a list of names), \"rank\" "
+            "(a positive integer) and \"alpha\" (a number), as `tformer finetune` writes it"
+        )
+    return lora
+
+
+def check_tokenizer(path: Path, info: dict[str, Any], config: ModelConfig) -> Tokenizer:
+    """The run's tokenizer.model, or a TformerError when it does not belong to the model.
+
+    A run trained, fine-tuned or imported by tformer records the sha256 of its tokenizer in
+    config.json ("tokenizer_sha256"): another file in its place is refused. Whatever was
+    recorded, a tokenizer with more ids than the model embeds is refused; one with fewer only
+    where that is normal: a model imported from Hugging Face (padded embeddings), or a tokenizer
+    whose recorded sha256 proves it is the one the model was trained with.
+    """
+    tok_path, cfg_path = path / TOKENIZER_FILE, path / CONFIG_FILE
+    tokenizer = load_tokenizer(tok_path)
+    recorded = info.get("tokenizer_sha256")
+    if recorded is not None and recorded != tokenizer.sha256:
+        shown = recorded[:12] + "..." if isinstance(recorded, str) else repr(recorded)
+        raise TformerError(
+            f"{tok_path} does not belong to {cfg_path}: its sha256 {tokenizer.sha256[:12]}... "
+            f"differs from the recorded {shown}; copy back the run's own tokenizer"
+        )
+    if tokenizer.vocab_size > config.vocab_size:
         raise TformerError(
             f"{path}: tokenizer.model has {tokenizer.vocab_size} tokens but the model embeds only "
-            f"{model.config.vocab_size}; the tokenizer does not belong to this model"
+            f"{config.vocab_size}; the tokenizer does not belong to this model"
         )
+    padded = recorded is not None or "imported_from" in info  # fewer ids than rows is normal there
+    if tokenizer.vocab_size < config.vocab_size and not padded:
+        raise TformerError(
+            f"{path}: tokenizer.model has {tokenizer.vocab_size} tokens but the model embeds "
+            f"{config.vocab_size}; the tokenizer does not belong to this model (copy back the "
+            "run's own tokenizer)"
+        )
+    return tokenizer
+
+
+def load_run(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Run:
+    """Load the model and tokenizer of a run directory for inference (the tokenizer checked)."""
+    path = check_run_dir(path)
+    model, info, tokenizer = _load_run_model(path, ())
     model = model.to(device=device, dtype=dtype).eval()
     return Run(path=path, model=model, tokenizer=tokenizer, info=info)

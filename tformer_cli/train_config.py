@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from tformer_cli.errors import TformerError
 # The model `tformer train` builds when no --preset (or --config preset) is given; `tformer profile`
 # without a model profiles the same one.
 DEFAULT_PRESET = "micro"
+MAX_SEED = 2**32 - 1  # numpy's and CUDA's seeds are 32-bit; larger ones would be cut silently
+SETTINGS_LIMIT = 1 << 20  # bytes: a settings file is a page of text, never a data file
 
 
 @dataclass
@@ -50,16 +53,37 @@ class TrainConfig:
     val_fraction: float = 0.1
 
     def validate(self) -> None:
+        """Raise a TformerError naming the first setting that is out of range."""
         positive = ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise TformerError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise TformerError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "seq_len", "vocab_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise TformerError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.lr <= 0 or (self.min_lr is not None and not 0 <= self.min_lr <= self.lr):
-            raise TformerError("--lr must be positive and --min-lr between 0 and --lr")
+                raise TformerError(f"{_flag(name)} must be positive, got {value}")
+        for name in ("warmup", "sample_every"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise TformerError(f"{_flag(name)} must be 0 or more, got {value}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time", "val_fraction"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise TformerError(f"{_flag(name)} must be a finite number, got {value}")
+        if self.lr <= 0:
+            raise TformerError(f"--lr must be positive, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise TformerError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise TformerError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise TformerError(
+                f"--grad-clip must be 0 (off) or a positive gradient-norm limit, got {self.grad_clip}"
+            )
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise TformerError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TformerError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.time is not None and self.time <= 0:
             raise TformerError("--time must be a positive duration such as 90s, 10m or 1h")
         if not 0 < self.val_fraction < 0.5:
@@ -107,7 +131,14 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     """A TOML settings file (tomllib on 3.11+, tomli before), or JSON when the name ends in .json."""
     if not path.is_file():
         raise TformerError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    with open(path, "rb") as f:
+        raw = f.read(SETTINGS_LIMIT + 1)
+    if len(raw) > SETTINGS_LIMIT:
+        raise TformerError(f"{path}: over {SETTINGS_LIMIT >> 20} MB; a settings file is a few lines of TOML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TformerError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -127,6 +158,34 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     return data
 
 
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_COMMAND_LINE_ONLY = {
+    "output": "-o", "o": "-o", "resume": "--resume", "overwrite": "--overwrite",
+    "corpus": "the corpus arguments", "config": "--config", "cache_dir": "--cache-dir",
+}
+
+
+def check_types(values: dict[str, Any], cls: type, where: str) -> None:
+    """Raise a TformerError naming the first key whose value has the wrong type for cls's field.
+
+    Types come from the dataclass annotations ("int | None", "float", ...); a bool is not a
+    number here, and an int is a fine float.
+    """
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        kinds = [k.strip() for k in fields.get(key, "").split("|")]
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds for t in _KINDS.get(k, ()))
+        if not allowed:
+            continue  # a field with a structured type (checked where it is used)
+        if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+            continue
+        want = " or ".join({"int": "an integer", "float": "a number", "str": "a string",
+                            "bool": "true or false"}[k] for k in kinds if k in _KINDS)
+        raise TformerError(f"{where} {key} must be {want}, got {value!r}")
+
+
 def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the TOML file's [train] and [model] tables (and top-level preset), then flags.
 
@@ -139,21 +198,45 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
         unknown_tables = set(raw) - {"train", "model", "preset"}
         if unknown_tables:
             raise TformerError(f"{path}: unknown table(s) {', '.join(sorted(unknown_tables))}; use [train] and [model]")
+        for table in ("train", "model"):
+            if not isinstance(raw.get(table, {}), dict):
+                raise TformerError(f"{path}: {table} must be a table ([{table}] with settings under it)")
         data.update(raw.get("train", {}))
         if "preset" in raw:
             data["preset"] = raw["preset"]
         if "model" in raw:
             data["model"] = raw["model"]
+        for key, flag in _COMMAND_LINE_ONLY.items():
+            if key in data:
+                raise TformerError(f"{path}: [train] {key} is not a file setting; give {flag} on the command line")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise TformerError(f"{path}: unknown [train] setting(s) {', '.join(unknown)}")
-        if isinstance(data.get("time"), str):
-            data["time"] = parse_duration(data["time"])
+        if "time" in data:
+            data["time"] = _file_duration(data["time"], path)
+        check_types(data, TrainConfig, f"{path}: [train]")
+        check_types(data.get("model", {}), ModelConfig, f"{path}: [model]")
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**data)
     cfg.validate()
     return cfg
+
+
+def _file_duration(value: Any, path: Path) -> float:
+    """[train] time as seconds: a duration string ("90s", "10m") or a number of seconds."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except TformerError:
+            raise TformerError(f"{path}: [train] time {value!r}: use a duration such as \"90s\", \"10m\" or \"1h\"") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TformerError(f"{path}: [train] time must be a duration such as \"90s\" or a number of seconds, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def default_vocab_size(corpus_bytes: int) -> int:

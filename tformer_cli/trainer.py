@@ -30,10 +30,16 @@ from torch.distributed.checkpoint.state_dict import (
 
 from models import ModelConfig, Transformer
 from models.flops import flops_per_token
-from models.weights import load_config, save_state
+from models.weights import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_config,
+    save_state,
+)
 from tformer_cli import __version__
 from tformer_cli.batches import BatchSampler
-from tformer_cli.corpus import resolve_corpus
+from tformer_cli.corpus import check_corpus_text, resolve_corpus
 from tformer_cli.device import DTYPES, matmul_peak_flops, resolve_device, resolve_precision
 from tformer_cli.distributed import DistInfo, init_distributed, shutdown_distributed
 from tformer_cli.errors import TformerError
@@ -41,7 +47,14 @@ from tformer_cli.loss import lm_loss
 from tformer_cli.model_path import DEFAULT_RUNS_DIR
 from tformer_cli.optim import build_optimizer, default_warmup, lr_at
 from tformer_cli.pretokenize import TokenData, pretokenize_cached
-from tformer_cli.run_target import RUN_CARD_FILE, claim_run_dir, prepare_run_dir
+from tformer_cli.profiling.fit import require_fit
+from tformer_cli.run_target import (
+    RUN_CARD_FILE,
+    check_run_dir_use,
+    claim_run_dir,
+    clear_run_dir,
+    refuse_output_over_inputs,
+)
 from tformer_cli.rundir import BEST_DIR, METRICS_FILE, TOKENIZER_FILE, TRAIN_STATE_DIR
 from tformer_cli.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from tformer_cli.train_config import TrainConfig, default_vocab_size
@@ -107,22 +120,32 @@ def _noop(kind: str, data: dict[str, Any]) -> None:
 # -- setting up -----------------------------------------------------------------------------------
 
 
+STAGED_TOKENIZER = ".tokenizer.model.staged.tmp"  # a temporary name: a retry clears it
+
+
 def prepare_tokenizer(
     cfg: TrainConfig, corpus: list[Path], run_dir: Path, resume: bool, dist: DistInfo, on_event: Event
 ) -> Tokenizer:
-    """The run's tokenizer: the resumed run's, the one given, or one trained on the corpus."""
-    target = run_dir / TOKENIZER_FILE
-    if dist.is_main and not resume:
+    """The run's tokenizer: the resumed run's, the one given, or one trained on the corpus.
+
+    A new tokenizer is staged under a temporary name in run_dir and installed by
+    the start only once the run's inputs are known good, so a failed start never
+    replaces the tokenizer of the run it would have overwritten.
+    """
+    if resume:
+        return load_tokenizer(run_dir / TOKENIZER_FILE)
+    staged = run_dir / STAGED_TOKENIZER
+    if dist.is_main:
         if cfg.tokenizer:
             source = load_tokenizer(cfg.tokenizer)  # validates before copying
-            shutil.copyfile(source.path, target)
+            atomic_write(staged, lambda tmp: shutil.copyfile(source.path, tmp))
         else:
-            vocab = cfg.vocab_size or default_vocab_size(sum(p.stat().st_size for p in corpus))
+            vocab = cfg.vocab_size or default_vocab_size(_bytes(corpus))
             on_event("tokenizer_start", {"vocab_size": vocab})
-            summary = train_tokenizer(corpus, target, vocab_size=vocab)
+            summary = train_tokenizer(corpus, staged, vocab_size=vocab)
             on_event("tokenizer_done", {"vocab_size": summary.vocab_size, "seconds": summary.seconds})
     dist.barrier()
-    return load_tokenizer(target)
+    return load_tokenizer(staged)
 
 
 def prepare_data(
@@ -132,7 +155,8 @@ def prepare_data(
     data = None
     if dist.is_main:
         progress = lambda done, total: on_event("tokenize_progress", {"done": done, "total": total})  # noqa: E731
-        data, hit = pretokenize_cached(corpus, tok, cache_dir, cfg.val_fraction, progress=progress)
+        data, hit = pretokenize_cached(corpus, tok, cache_dir, cfg.val_fraction, progress=progress,
+                                       notice=lambda message: on_event("notice", {"message": message}))
         on_event("data", {"train_tokens": data.train_tokens, "val_tokens": data.val_tokens, "cached": hit})
     dist.barrier()
     if data is None:
@@ -176,18 +200,49 @@ def evaluate(
     return dist.mean(total / batches, device)
 
 
+def check_finite(loss: float, grad_norm: float, state: RunState) -> None:
+    """Raise TrainingDiverged naming what became NaN or infinite (the loss or the gradients)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    kept = (f"the last good checkpoint (step {state.last_saved_step}) is kept"
+            if state.last_saved_step >= 0 else "nothing was saved")
+    what = (f"the loss became {loss}" if not math.isfinite(loss)
+            else f"the gradient norm became {grad_norm} (loss {loss:.4f})")
+    raise TrainingDiverged(
+        f"{what} at step {state.step + 1}; {kept}; try a lower --lr (or --precision fp32)"
+    )
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, forget metrics logged after the checkpoint, so the file reads as one run."""
+def _trim_metrics(path: Path, last_step: int, on_event: Event) -> None:
+    """On resume, forget metrics logged after the checkpoint, so the file reads as one run.
+
+    A torn last line (what a crash mid-write leaves) is dropped with a notice; a damaged line
+    elsewhere means the file was edited, and is refused naming the line.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines):
+                on_event("notice", {"message": f"{path}: dropped a torn last line (line {n}), as a crash leaves it"})
+                break
+            raise TformerError(
+                f"{path}:{n}: not a metrics record; remove that line (or the file) to resume"
+            ) from None
+        if step <= last_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _sparkline(values: list[float], width: int = 40) -> str:
@@ -229,13 +284,22 @@ def train(
         on_event = _noop
     target, failed = None, True
     try:
-        # The corpus first, so a mistyped path leaves no run directory behind.
+        # Everything is checked before anything is replaced: the corpus (read by the tokenizer
+        # and the pre-tokeniser), the tokenizer, the model and its memory. Only then does an
+        # --overwrite remove the run that was there.
         exclude = [Path(run_dir)] if run_dir is not None else []
         corpus = resolve_corpus([Path(p) for p in corpus_paths], exclude=exclude)
         chosen = None
         if dist.is_main:
+            check_corpus_text(corpus)
+            given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and not resume else None
+            vocab = given.vocab_size if given else cfg.vocab_size or default_vocab_size(_bytes(corpus))
+            expected = cfg.model_config(vocab)  # the model this run will build (its vocab, exactly)
+            check_batch_fits(cfg, expected, cfg.context(expected), precision, device, dist)
             target = claim_run_dir(run_dir, corpus_paths, resume, overwrite, runs_root)
-            prepare_run_dir(target.path, resume, overwrite)
+            check_run_dir_use(target.path, resume, overwrite)
+            if not resume:
+                refuse_output_over_inputs(target.path, [*corpus, *([cfg.tokenizer] if cfg.tokenizer else [])])
             chosen = str(target.path)
             on_event("run_dir", {"path": chosen, "how": target.how, "auto": target.auto,
                                  "previous": str(target.previous) if target.previous else None,
@@ -249,13 +313,33 @@ def train(
             check_model_matches(run_dir, model_cfg)
         spec = pretraining_spec(cfg, model_cfg, tok, data)
         spec.started = started
+        if dist.is_main:
+            staged = None if resume else (run_dir / STAGED_TOKENIZER).read_bytes()
+            clear_run_dir(run_dir, resume)
+            if staged is not None:
+                atomic_write_bytes(run_dir / TOKENIZER_FILE, staged)
+        dist.barrier()
         card = run_loop(cfg, spec, tok, run_dir, device, precision, dist, resume, on_event, stop, sampler)
         failed = False
         return card
     finally:
         if target is not None:
+            (target.path / STAGED_TOKENIZER).unlink(missing_ok=True)
             target.release(failed)
         shutdown_distributed(dist)
+
+
+def check_batch_fits(
+    cfg: TrainConfig, model_cfg: ModelConfig, seq_len: int, precision: str, device: torch.device, dist: DistInfo
+) -> None:
+    """Refuse a batch the memory model says cannot fit, before a byte of it is allocated."""
+    micro = max(1, cfg.batch_size // (dist.world_size * cfg.grad_accum))
+    flag = f"--batch-size {cfg.batch_size}" + (f" (x{cfg.grad_accum} accumulation)" if cfg.grad_accum > 1 else "")
+    require_fit("train", model_cfg, seq_len, micro, precision, device, flag)
+
+
+def _bytes(files: list[Path]) -> int:
+    return sum(p.stat().st_size for p in files)
 
 
 def _corpus_label(path: str | Path) -> str:
@@ -319,7 +403,7 @@ def run_loop(
         state = RunState.from_json(saved.info["run"])
         state.step = saved.step
         if dist.is_main:
-            _trim_metrics(run_dir / METRICS_FILE, state.step)
+            _trim_metrics(run_dir / METRICS_FILE, state.step, on_event)
         on_event("resumed", {"step": state.step})
 
     model: torch.nn.Module = raw_model
@@ -444,14 +528,11 @@ def run_loop(
                 scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += loss.detach()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # --grad-clip 0 turns clipping off; the norm is still measured for the log
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             loss_value = step_loss.item() / cfg.grad_accum
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))) and not scaler.is_enabled():
-                kept = f"the last good checkpoint (step {state.last_saved_step}) is kept" if state.last_saved_step >= 0 else "nothing was saved"
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {state.step + 1}; {kept}; try a lower --lr "
-                    "(or --precision fp32)"
-                )
+            if not scaler.is_enabled():
+                check_finite(loss_value, float(grad_norm), state)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

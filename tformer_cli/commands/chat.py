@@ -7,9 +7,19 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from tformer_cli.chat_session import ChatSession
-from tformer_cli.commands.generate import MODEL_HELP, load_for_inference, pick_model
+from tformer_cli.chat_session import ChatSession, read_transcript
+from tformer_cli.commands.generate import (
+    MODEL_HELP,
+    check_max_new_tokens,
+    check_seed,
+    check_text,
+    load_for_inference,
+    pick_model,
+    require_stdin,
+    utf8_problem,
+)
 from tformer_cli.errors import TformerError
 from tformer_cli.sampling import SamplingConfig
 
@@ -27,6 +37,11 @@ EXAMPLES = (
     "tformer chat --model runs/corpus --temperature 0",
     'tformer chat -m runs/chat/best --system "Answer in one sentence."',
 )
+
+# A chat's seed grows by one per turn (the turn's own seed), so it stays well below 2**64.
+MAX_CHAT_SEED = 2**63 - 1
+LINE_LIMIT = 4 << 20  # characters in one piped turn; a longer line is reported and skipped
+_PATH_COMMANDS = ("load", "save")  # their argument is a file name: any bytes the OS allows
 
 _SETTABLE = {
     "temperature": float, "top_k": int, "top_p": float, "min_p": float,
@@ -57,8 +72,10 @@ def _command(session: ChatSession, line: str, err: Console, stream: _ReplyPrinte
             parsed = _SETTABLE[key](value)
         except ValueError:
             raise TformerError(f"/set {key}: {value!r} is not a {_SETTABLE[key].__name__}") from None
-        if key == "max_new_tokens" and parsed < 1:
-            raise TformerError("/set max_new_tokens: must be at least 1")
+        if key == "max_new_tokens":
+            check_max_new_tokens(parsed, "/set max_new_tokens")
+        if key == "seed":
+            check_seed(parsed, "/set seed", MAX_CHAT_SEED)
         if key in ("max_new_tokens", "seed"):
             setattr(session, key, parsed)
         else:
@@ -78,15 +95,59 @@ def _command(session: ChatSession, line: str, err: Console, stream: _ReplyPrinte
             _report(session, err)
     elif name == "save":
         session.save(arg or "chat.json")
-        err.print(f"[dim]saved {arg or 'chat.json'}[/]")
+        err.print(f"[dim]saved {escape(arg or 'chat.json')}[/]")
     elif name == "load":
         if not arg:
             raise TformerError("/load FILE: name the transcript to load")
+        _check_transcript_text(Path(arg))
         session.load(arg)
-        err.print(f"[dim]loaded {len(session.messages)} messages from {arg}[/]")
+        err.print(f"[dim]loaded {len(session.messages)} messages from {escape(arg)}[/]")
     else:
-        err.print(f"unknown command /{name}; /help lists them")
+        err.print(f"unknown command /{escape(name)}; /help lists them")
     return True
+
+
+def _check_transcript_text(path: Path) -> None:
+    """A TformerError when a transcript holds text that is not UTF-8 (as JSON escapes allow)."""
+    data = read_transcript(path)
+    texts = [("system", data["system"] or "")]
+    texts += [(f"message {n}", m["content"]) for n, m in enumerate(data["messages"], start=1)]
+    for where, text in texts:
+        if problem := utf8_problem(text):
+            raise TformerError(f"{path}: {where} is not valid UTF-8 text ({problem})")
+
+
+def _tolerate_bad_bytes(stream) -> None:
+    """Let stdin pass bytes that are not UTF-8 on as lone surrogates: one bad line, one error."""
+    try:
+        stream.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):
+        pass  # not a TextIOWrapper (a test's StringIO holds text already)
+
+
+def _read_line(stream) -> tuple[str, str | None]:
+    """The next piped line ("" at the end) and what is wrong with it (see _text_problem), if any.
+
+    A line longer than LINE_LIMIT is read to its end and dropped, so it never fills memory.
+    """
+    try:
+        line = stream.readline(LINE_LIMIT + 1)
+        if len(line) > LINE_LIMIT and not line.endswith("\n"):
+            while (rest := stream.readline(LINE_LIMIT)) and not rest.endswith("\n"):
+                pass
+            return " ", f"longer than {LINE_LIMIT:,} characters"
+    except UnicodeDecodeError as e:  # a stream that could not be told to keep bad bytes
+        raise TformerError(f"stdin: not UTF-8 text ({e.reason}); pipe in UTF-8 lines") from None
+    return line, _text_problem(line)
+
+
+def _text_problem(line: str) -> str | None:
+    """What is wrong with a typed line that goes to the model (a file name may be any bytes)."""
+    text = line.strip()
+    if text.startswith("/") and text[1:].partition(" ")[0] in _PATH_COMMANDS:
+        return None
+    problem = utf8_problem(line)
+    return f"not UTF-8 text ({problem})" if problem else None
 
 
 def _report(session: ChatSession, err: Console) -> None:
@@ -143,8 +204,12 @@ def chat(
 ) -> None:
     """Chat with a model. On a terminal: line editing, history, /help. From a pipe: one turn per line, one reply per line on stdout."""
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
-    if max_new_tokens < 1:
-        raise TformerError("-n/--max-new-tokens must be at least 1")
+    check_max_new_tokens(max_new_tokens)
+    check_seed(seed, most=MAX_CHAT_SEED)
+    if system is not None:
+        check_text(system, "--system")
+    require_stdin("chat reads one turn per line: run it on a terminal or pipe lines in")
+    _tolerate_bad_bytes(sys.stdin)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     run, dev, prec = load_for_inference(pick_model(model_dir, err), device, precision, compile_model)
     mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
@@ -153,25 +218,45 @@ def chat(
     what = ("chat markers (fine-tuned for chat)" if mode == "chat"
             else "plain transcript (a base model: it continues \"User: ... Assistant:\")")
     hint = " /help for commands, Ctrl-D to leave." if interactive else ""
-    err.print(f"[dim]{run.path}: {what}; {dev} {prec}, context {run.config.max_seq_len} tokens.{hint}[/]")
+    err.print(f"[dim]{escape(str(run.path))}: {what}; {dev} {prec}, "
+              f"context {run.config.max_seq_len} tokens.{hint}[/]")
     stream = _ReplyPrinter(one_line=not interactive)
 
     if interactive:
         import readline  # noqa: F401 - gives input() line editing and history
 
     told_dropped = False
+    bad_lines = 0  # piped lines skipped (not UTF-8, too long): the exit code says so at the end
+    number = 0
     while True:
         try:
-            line = input("> ") if interactive else sys.stdin.readline()
+            if interactive:
+                line = input("> ")
+                problem = _text_problem(line)
+            else:
+                line, problem = _read_line(sys.stdin)
         except EOFError:
             if interactive:
                 err.print()
             break
         except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
             err.print()
+            if not interactive:
+                raise typer.Exit(130) from None
+            continue
+        except UnicodeDecodeError as e:  # input() on a stdin that could not keep bad bytes
+            err.print(f"[red]that line is not UTF-8 text ({escape(e.reason)}); it was not sent[/]")
             continue
         if not interactive and line == "":
             break  # end of the piped input
+        number += 1
+        if problem:
+            if interactive:
+                err.print(f"[red]that line is {escape(problem)}; it was not sent[/]")
+            else:
+                bad_lines += 1
+                err.print(f"error: stdin line {number}: {problem}; skipped it", markup=False)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -196,4 +281,6 @@ def chat(
         except TformerError as e:
             if not interactive:
                 raise
-            err.print(f"[red]{e}[/]")
+            err.print(f"[red]{escape(str(e))}[/]")
+    if bad_lines:
+        raise typer.Exit(1)

@@ -15,7 +15,8 @@ from tformer_cli.device import DTYPES, resolve_device, resolve_precision
 from tformer_cli.errors import TformerError
 from tformer_cli.generation import generate as run_generation
 from tformer_cli.model_path import find_model
-from tformer_cli.rundir import load_run
+from tformer_cli.profiling.fit import require_fit
+from tformer_cli.rundir import load_run, read_model_config
 from tformer_cli.sampling import SamplingConfig
 
 EXAMPLES = (
@@ -23,6 +24,10 @@ EXAMPLES = (
     'tformer generate -m runs/corpus -p "def " -n 100 --temperature 0',
     'tformer generate -m runs/corpus/best/model.safetensors -p "class " --top-p 0.9 --seed 1',
 )
+MAX_NEW_TOKENS = 1_000_000  # -n beyond this is a typo, not a request (the window slides anyway)
+MAX_ROWS = 1 << 16  # prompts x --num-samples in one call (memory is checked too, where known)
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+STDIN_LIMIT = 64 << 20  # bytes of prompt read from stdin; the model sees at most its window anyway
 MODEL_HELP = ("A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama "
               "directory (default: the newest run under ./runs).")
 
@@ -49,11 +54,78 @@ def load_for_inference(model_dir: Path, device: str, precision: str, compile_mod
     return run, dev, prec
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why text cannot be written as UTF-8 (bytes that were not UTF-8 arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        byte = 0xDC80 <= ch <= 0xDCFF  # how surrogateescape carries a byte that is not UTF-8
+        what = f"byte 0x{ch - 0xDC00:02x}" if byte else f"lone surrogate U+{ch:04X}"
+        return f"{what} at character {e.start + 1}"
+    return None
+
+
+def check_text(text: str, what: str) -> str:
+    """text, or a TformerError saying that what (e.g. "--prompt") is not valid UTF-8 text."""
+    problem = utf8_problem(text)
+    if problem:
+        raise TformerError(f"{what} is not valid UTF-8 text ({problem}); give UTF-8 text")
+    return text
+
+
+def check_seed(seed: int | None, flag: str = "--seed", most: int = MAX_SEED) -> int | None:
+    """seed, or a TformerError when it is outside what a torch.Generator takes (0..most)."""
+    if seed is not None and not 0 <= seed <= most:
+        raise TformerError(f"{flag} must be between 0 and {most:,}, got {seed}")
+    return seed
+
+
+def check_max_new_tokens(n: int, flag: str = "-n/--max-new-tokens") -> int:
+    """n, or a TformerError when it is below 1 or above MAX_NEW_TOKENS."""
+    if not 1 <= n <= MAX_NEW_TOKENS:
+        raise TformerError(f"{flag} must be between 1 and {MAX_NEW_TOKENS:,}, got {n}")
+    return n
+
+
+def require_stdin(why: str) -> None:
+    """A TformerError when the process has no stdin at all (started with it closed: `<&-`)."""
+    stdin = sys.stdin
+    try:
+        usable = stdin is not None and not stdin.closed
+    except (AttributeError, ValueError):
+        usable = False
+    if not usable:
+        raise TformerError(f"stdin is closed; {why}")
+
+
 def _read_stdin(err: Console) -> str:
-    """The prompt from stdin, without the one newline `echo` adds."""
+    """The prompt from stdin (UTF-8, STDIN_LIMIT bytes at most), less the newline `echo` adds."""
+    require_stdin("give the prompt with -p TEXT or pipe it in")
     if sys.stdin.isatty():
         err.print("[dim]no -p/--prompt: type the prompt, then Ctrl-D[/]")
-    text = sys.stdin.read()
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is not None:
+        data = raw.read(STDIN_LIMIT + 1)
+        if len(data) > STDIN_LIMIT:
+            raise TformerError(f"stdin: more than {STDIN_LIMIT >> 20} MB of prompt; "
+                               "pipe in less (the model sees only its last context window)")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TformerError(f"stdin: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                               f"{e.start}); pipe in UTF-8 text or give -p") from None
+    else:  # a text stream without bytes underneath (tests, embedding)
+        try:
+            text = sys.stdin.read(STDIN_LIMIT + 1)
+        except UnicodeDecodeError as e:
+            raise TformerError(f"stdin: not UTF-8 text ({e.reason}); "
+                               "pipe in UTF-8 text or give -p") from None
+        if len(text) > STDIN_LIMIT:
+            raise TformerError(f"stdin: more than {STDIN_LIMIT >> 20} MB of prompt; "
+                               "pipe in less (the model sees only its last context window)")
+        if problem := utf8_problem(text):
+            raise TformerError(f"stdin: not UTF-8 text ({problem}); pipe in UTF-8 text or give -p")
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -88,13 +160,34 @@ def generate(
 ) -> None:
     """Continue a prompt. Only the generated text goes to stdout, so it composes in pipes."""
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
-    if max_new_tokens < 1 or num_samples < 1:
-        raise TformerError("-n/--max-new-tokens and --num-samples must be at least 1")
+    check_max_new_tokens(max_new_tokens)
+    check_seed(seed)
+    if not 1 <= num_samples <= MAX_ROWS:
+        raise TformerError(f"--num-samples must be between 1 and {MAX_ROWS:,}, got {num_samples}")
+    texts = [check_text(t, "--prompt") for t in prompt] if prompt else None
+    for text in stop or ():
+        check_text(text, "--stop")
+    rows = (len(texts) if texts else 1) * num_samples
+    if rows > MAX_ROWS:
+        raise TformerError(f"--num-samples {num_samples} x {len(texts or ())} prompts is {rows:,} "
+                           f"rows; at most {MAX_ROWS:,} go in one call")
     err = Console(stderr=True, soft_wrap=True)
-    run, dev, prec = load_for_inference(pick_model(model_dir, err), device, precision, compile_model)
-    texts = list(prompt) if prompt else [_read_stdin(err)]
+    path = pick_model(model_dir, err)
+    if texts is None:
+        texts = [_read_stdin(err)]
+    # Will the batch fit? Asked of the memory model before the weights load or any row is built.
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev, job="inference")
+    cfg = read_model_config(path)
+    longest = 2 + max(len(t.encode("utf-8")) for t in texts)  # tokens <= bytes + space + BOS
+    need = min(cfg.max_seq_len, longest + max_new_tokens)
+    flag = (f"--num-samples {num_samples}" if num_samples > 1
+            else f"{len(texts)} prompts" if len(texts) > 1 else f"--model {path}")
+    require_fit("inference", cfg, need, rows, prec, dev, flag)
+    run, dev, prec = load_for_inference(path, device, precision, compile_model)
+    prompt_rows = [prompt_ids(run, t, err) for t in texts]  # each prompt encoded (and cut) once
     batch = [t for t in texts for _ in range(num_samples)]
-    ids = [prompt_ids(run, t, err) for t in batch]
+    ids = [list(r) for r in prompt_rows for _ in range(num_samples)]
     single = len(batch) == 1 and not as_json
 
     def stream(row: int, piece: str) -> None:

@@ -18,11 +18,13 @@ from tformer_cli.runcard import render_run_card
 Work = Callable[[Callable[[str, dict], None], threading.Event], dict[str, Any]]
 
 
-def install_interrupt(stop: threading.Event, console: Console):
-    """First Ctrl-C: finish the step, save, exit. Second: abort the step (still saving the last one)."""
+def install_interrupt(stop: threading.Event, console: Console, training: Callable[[], bool]):
+    """During training, first Ctrl-C: finish the step, save, exit; second: abort the step (still
+    saving the last one). Before training starts (tokenizer, pre-tokenising) there is nothing to
+    save: Ctrl-C stops at once, and the start leaves nothing behind."""
 
     def handler(signum, frame):
-        if stop.is_set():
+        if stop.is_set() or not training():
             raise KeyboardInterrupt
         stop.set()
         console.print("[yellow]stopping after this step and saving a resumable checkpoint "
@@ -59,6 +61,7 @@ class Reporter:
         self.progress: Progress | None = None
         self.task = None
         self.loss = float("nan")
+        self.training = False  # the loop has started: Ctrl-C then saves a checkpoint first
         self.rate = 0.0
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
@@ -84,7 +87,11 @@ class Reporter:
     def on_resumed(self, d):
         self.console.print(f"resuming from step {d['step']}")
 
+    def on_notice(self, d):
+        self.console.print(f"[yellow]{d['message']}[/]", highlight=False)
+
     def on_start(self, d):
+        self.training = True
         c = d["config"]
         self.console.print(
             f"model: {d['params']:,} parameters ({c['n_layers']} layers, dim {c['dim']}, "
@@ -141,8 +148,8 @@ def run_with_progress(work: Work, quiet: bool, as_json: bool) -> None:
     is_main = int(os.environ.get("RANK", "0")) == 0
     err = Console(stderr=True, quiet=not is_main, soft_wrap=True)
     stop = threading.Event()
-    previous = install_interrupt(stop, err)
     reporter = Reporter(err, quiet or not is_main)
+    previous = install_interrupt(stop, err, lambda: reporter.training)
     try:
         card = work(reporter, stop)
     finally:

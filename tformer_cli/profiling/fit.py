@@ -52,3 +52,31 @@ def will_it_fit(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str,
         notes.append(f"learned positions stop at max_seq_len {cfg.max_seq_len}, whatever memory allows")
     report["notes"] = notes
     return report
+
+
+def require_fit(
+    job: str, cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, device, flag: str
+) -> None:
+    """Refuse, before anything is allocated, a batch that the memory model says cannot fit.
+
+    job is "train" or "inference"; flag names the option to lower in the message (e.g.
+    "--batch-size 100000000"). Where free memory cannot be read, nothing is refused.
+    """
+    from tformer_cli.errors import TformerError
+    from tformer_cli.profiling.memory import available_memory
+
+    free = available_memory(device)
+    if not free:
+        return
+    budget = int(free * HEADROOM)
+    need = training_memory if job == "train" else inference_memory
+    needed = need(cfg, seq_len, batch_size, precision)["total"]
+    if needed <= budget:
+        return
+    fits = largest(lambda b: need(cfg, seq_len, b, precision)["total"] <= budget, batch_size)
+    what = "training" if job == "train" else "generating"
+    advice = f"the largest batch that fits is {fits}" if fits else "not even a batch of 1 fits; use a smaller model or --seq-len"
+    raise TformerError(
+        f"{flag}: {what} {batch_size} x {seq_len} tokens needs about {needed / 2**30:,.1f} GiB but "
+        f"{device.type} has {free / 2**30:,.1f} GiB free; {advice}"
+    )
