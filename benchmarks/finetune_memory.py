@@ -23,8 +23,8 @@ def measure(preset: str, method: str, seq_len: int, batch: int, steps: int, queu
 
     from models import Transformer, get_preset
     from models.lora import apply_lora
-    from tformer_cli.loss import lm_loss
-    from tformer_cli.optim import build_optimizer
+    from tformer_cli.training.loss import lm_loss
+    from tformer_cli.training.optim import build_optimizer
 
     torch.manual_seed(0)
     cfg = get_preset(preset, max_seq_len=max(seq_len, get_preset(preset).max_seq_len))
@@ -41,39 +41,62 @@ def measure(preset: str, method: str, seq_len: int, batch: int, steps: int, queu
         opt.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - t)
-    optim_bytes = sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    queue.put({
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "params": sum(p.numel() for p in model.parameters()),
-        "optim_bytes": optim_bytes,
-        "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "tokens_per_s": batch * seq_len / sorted(times)[len(times) // 2],
-    })
+    optim_bytes = sum(
+        v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+    )
+    queue.put(
+        {
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "params": sum(p.numel() for p in model.parameters()),
+            "optim_bytes": optim_bytes,
+            "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "tokens_per_s": batch * seq_len / sorted(times)[len(times) // 2],
+        }
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="small,gpt2")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     console = Console()
-    table = Table(title=f"fine-tuning at seq-len {args.seq_len}, batch {args.batch_size}, fp32, CPU")
-    for col in ("preset", "method", "trainable params", "optimizer state", "peak memory", "tokens/s"):
+    table = Table(
+        title=f"fine-tuning at seq-len {args.seq_len}, batch {args.batch_size}, fp32, CPU"
+    )
+    for col in (
+        "preset",
+        "method",
+        "trainable params",
+        "optimizer state",
+        "peak memory",
+        "tokens/s",
+    ):
         table.add_column(col, justify="right")
     ctx = mp.get_context("spawn")
     for preset in args.presets.split(","):
         for method in ("full", "lora"):
             queue = ctx.Queue()
-            proc = ctx.Process(target=measure, args=(preset, method, args.seq_len, args.batch_size, args.steps, queue))
+            proc = ctx.Process(
+                target=measure,
+                args=(preset, method, args.seq_len, args.batch_size, args.steps, queue),
+            )
             proc.start()
             r = queue.get()
             proc.join()
             console.print(f"{preset} {method}: {r['tokens_per_s']:,.0f} tokens/s")
-            table.add_row(preset, method, f"{r['trainable']:,} ({100 * r['trainable'] / r['params']:.1f}%)",
-                          f"{r['optim_bytes'] / 2**20:,.1f} MiB", f"{r['peak_bytes'] / 2**20:,.0f} MiB",
-                          f"{r['tokens_per_s']:,.0f}")
+            table.add_row(
+                preset,
+                method,
+                f"{r['trainable']:,} ({100 * r['trainable'] / r['params']:.1f}%)",
+                f"{r['optim_bytes'] / 2**20:,.1f} MiB",
+                f"{r['peak_bytes'] / 2**20:,.0f} MiB",
+                f"{r['tokens_per_s']:,.0f}",
+            )
     console.print(table)
 
 

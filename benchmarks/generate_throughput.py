@@ -4,7 +4,7 @@
     python benchmarks/generate_throughput.py --presets small --batch-sizes 1 --precision bf16
 
 Random weights (speed does not depend on them), a 128-token prompt, greedy decoding through the
-same engine as `tformer generate` (tformer_cli.generation.generate) on a model prepared the way
+same engine as `tformer generate` (tformer_cli.inference.engine.generate) on a model prepared the way
 the command prepares it. Columns:
 
 - prefill: prompt tokens/s of the one-pass prefill; first token: prefill + the first sample
@@ -30,10 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from models import Transformer, get_preset
-from tformer_cli.decode_step import prepare_for_inference
+from models.decode import prepare_for_inference
 from tformer_cli.device import DTYPES, resolve_device, resolve_precision
-from tformer_cli.generation import generate
-from tformer_cli.sampling import SamplingConfig
+from tformer_cli.inference.engine import generate
+from tformer_cli.inference.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -47,7 +47,9 @@ class NullTokenizer:
         return ""
 
 
-def measure(preset: str, batch: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+def measure(
+    preset: str, batch: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> dict:
     torch.manual_seed(0)
     model = prepare_for_inference(Transformer(get_preset(preset)).to(device=device, dtype=dtype))
     tok = NullTokenizer()
@@ -55,7 +57,9 @@ def measure(preset: str, batch: int, args: argparse.Namespace, device: torch.dev
     n = min(args.new_tokens, model.config.max_seq_len - args.prompt_len)  # stay inside one window
     generate(model, tok, prompts, GREEDY, 4)  # warm up
     runs = [generate(model, tok, prompts, GREEDY, n) for _ in range(args.repeats)]
-    hidden = [generate(model, tok, prompts, GREEDY, n, fused_step=False) for _ in range(args.repeats)]
+    hidden = [
+        generate(model, tok, prompts, GREEDY, n, fused_step=False) for _ in range(args.repeats)
+    ]
     no_cache = generate(model, tok, prompts, GREEDY, args.no_cache_tokens, use_cache=False)
     k = args.no_cache_tokens
     same = all(
@@ -74,7 +78,9 @@ def measure(preset: str, batch: int, args: argparse.Namespace, device: torch.dev
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="small,gpt2")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -87,19 +93,38 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, job="inference")
     console = Console(width=None if sys.stdout.isatty() else 120)  # a readable table in a log too
-    table = Table(title=f"generation on {device} {precision}, {torch.get_num_threads()} threads, "
-                        f"prompt {args.prompt_len} tokens, greedy")
-    for col in ("preset", "batch", "prefill tok/s", "first token", "decode tok/s", "hidden tok/s",
-                "no cache tok/s", "cache speed-up", "same"):
+    table = Table(
+        title=f"generation on {device} {precision}, {torch.get_num_threads()} threads, "
+        f"prompt {args.prompt_len} tokens, greedy"
+    )
+    for col in (
+        "preset",
+        "batch",
+        "prefill tok/s",
+        "first token",
+        "decode tok/s",
+        "hidden tok/s",
+        "no cache tok/s",
+        "cache speed-up",
+        "same",
+    ):
         table.add_column(col, justify="right")
     start = time.perf_counter()
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             r = measure(preset, batch, args, device, DTYPES[precision])
-            console.print(f"{preset} batch {batch}: decode {r['decode']:,.0f} tokens/s", style="dim")
+            console.print(
+                f"{preset} batch {batch}: decode {r['decode']:,.0f} tokens/s", style="dim"
+            )
             table.add_row(
-                preset, str(batch), f"{r['prefill']:,.0f}", f"{r['ttft_ms']:,.0f} ms", f"{r['decode']:,.0f}",
-                f"{r['hidden']:,.0f}", f"{r['no_cache']:,.1f}", f"{r['decode'] / r['no_cache']:.0f}x",
+                preset,
+                str(batch),
+                f"{r['prefill']:,.0f}",
+                f"{r['ttft_ms']:,.0f} ms",
+                f"{r['decode']:,.0f}",
+                f"{r['hidden']:,.0f}",
+                f"{r['no_cache']:,.1f}",
+                f"{r['decode'] / r['no_cache']:.0f}x",
                 "yes" if r["same"] else "NO",
             )
     console.print(table)

@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from models import Transformer, get_preset, save_model
+from tformer_cli.data.tokenizer import train_tokenizer
 from tformer_cli.device import auto_precision, cpu_has_fast_bf16, resolve_device
-from tformer_cli.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -47,7 +47,9 @@ def corpus(directory: Path) -> Path:
 
 
 def tformer(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "tformer_cli", *args], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tformer_cli", *args], capture_output=True, text=True
+    )
     if out.returncode:
         raise SystemExit(f"tformer {' '.join(args)} failed:\n{out.stderr}")
     return json.loads(out.stdout)
@@ -65,8 +67,19 @@ def bench_decode(run: Path, device: torch.device, args: argparse.Namespace) -> T
     for _ in range(args.repeats):
         for name in names:
             flags = [] if name == "auto" else ["--precision", name]
-            out = tformer("generate", "-m", str(run), "-p", "The", "-n", str(args.new_tokens),
-                          "--temperature", "0", "--json", *flags)
+            out = tformer(
+                "generate",
+                "-m",
+                str(run),
+                "-p",
+                "The",
+                "-n",
+                str(args.new_tokens),
+                "--temperature",
+                "0",
+                "--json",
+                *flags,
+            )
             rates[name].append(out["decode_tokens_per_s"])
     medians = {n: statistics.median(v) for n, v in rates.items()}
     best = max(medians[n] for n in names[1:])
@@ -82,7 +95,9 @@ def bench_decode(run: Path, device: torch.device, args: argparse.Namespace) -> T
     return table
 
 
-def bench_train(text: Path, tok: Path, work: Path, device: torch.device, args: argparse.Namespace) -> Table:
+def bench_train(
+    text: Path, tok: Path, work: Path, device: torch.device, args: argparse.Namespace
+) -> Table:
     picked, why = auto_precision(device, "train")
     table = Table(title=f"training micro on {device}: auto picks {picked} ({why})")
     for col in ("--precision", "tokens/s (median)", "vs fp32"):
@@ -90,19 +105,43 @@ def bench_train(text: Path, tok: Path, work: Path, device: torch.device, args: a
     rates: dict[str, list[float]] = {p: [] for p in precisions(device)}
     for i in range(args.repeats):
         for p in rates:
-            card = tformer("train", str(text), "-o", str(work / f"t-{p}-{i}"), "--preset", "micro",
-                           "--tokenizer", str(tok), "--max-steps", str(args.train_steps), "--eval-every",
-                           "100000", "--eval-batches", "1", "--sample-every", "0", "--precision", p,
-                           "--cache-dir", str(work / "cache"), "--json", "--quiet")
+            card = tformer(
+                "train",
+                str(text),
+                "-o",
+                str(work / f"t-{p}-{i}"),
+                "--preset",
+                "micro",
+                "--tokenizer",
+                str(tok),
+                "--max-steps",
+                str(args.train_steps),
+                "--eval-every",
+                "100000",
+                "--eval-batches",
+                "1",
+                "--sample-every",
+                "0",
+                "--precision",
+                p,
+                "--cache-dir",
+                str(work / "cache"),
+                "--json",
+                "--quiet",
+            )
             rates[p].append(card["tokens_per_s"])
     base = statistics.median(rates["fp32"])
     for p, values in rates.items():
-        table.add_row(p, f"{statistics.median(values):,.0f}", f"{statistics.median(values) / base:.2f}x")
+        table.add_row(
+            p, f"{statistics.median(values):,.0f}", f"{statistics.median(values) / base:.2f}x"
+        )
     return table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--train-steps", type=int, default=40)

@@ -21,11 +21,13 @@ from rich.table import Table
 from models import Transformer, get_preset
 from models.flops import flops_per_token
 from tformer_cli.device import DTYPES, cpu_has_fast_bf16, matmul_peak_flops, resolve_device
-from tformer_cli.loss import lm_loss
-from tformer_cli.optim import build_optimizer
+from tformer_cli.training.loss import lm_loss
+from tformer_cli.training.optim import build_optimizer
 
 
-def measure(preset: str, batch: int, seq_len: int, precision: str, device: torch.device, steps: int) -> dict:
+def measure(
+    preset: str, batch: int, seq_len: int, precision: str, device: torch.device, steps: int
+) -> dict:
     torch.manual_seed(0)
     cfg = get_preset(preset)
     model = Transformer(cfg).to(device).train()
@@ -33,7 +35,9 @@ def measure(preset: str, batch: int, seq_len: int, precision: str, device: torch
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
     amp = (
-        torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=DTYPES[precision])
+        if precision != "fp32"
+        else contextlib.nullcontext()
     )
 
     def step() -> None:
@@ -60,7 +64,9 @@ def measure(preset: str, batch: int, seq_len: int, precision: str, device: torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--batch-sizes", default="8,32")
     parser.add_argument("--precisions", default="fp32,bf16")
@@ -70,8 +76,19 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     console = Console()
-    table = Table(title=f"training throughput on {device} ({torch.get_num_threads()} threads), seq-len {args.seq_len}")
-    for col in ("preset", "precision", "batch", "tokens/s", "ms/step", "model GFLOP/s", "peak GFLOP/s", "MFU"):
+    table = Table(
+        title=f"training throughput on {device} ({torch.get_num_threads()} threads), seq-len {args.seq_len}"
+    )
+    for col in (
+        "preset",
+        "precision",
+        "batch",
+        "tokens/s",
+        "ms/step",
+        "model GFLOP/s",
+        "peak GFLOP/s",
+        "MFU",
+    ):
         table.add_column(col, justify="right")
     peaks: dict[str, float] = {}
     for precision in args.precisions.split(","):
@@ -83,11 +100,18 @@ def main() -> None:
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 r = measure(preset, batch, args.seq_len, precision, device, args.steps)
                 table.add_row(
-                    preset, precision, str(batch), f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:,.0f}",
-                    f"{r['flops'] / 1e9:,.1f}", f"{peaks[precision] / 1e9:,.0f}",
+                    preset,
+                    precision,
+                    str(batch),
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['ms_per_step']:,.0f}",
+                    f"{r['flops'] / 1e9:,.1f}",
+                    f"{peaks[precision] / 1e9:,.0f}",
                     f"{100 * r['flops'] / peaks[precision]:.0f}%",
                 )
-                console.print(f"{preset} {precision} batch {batch}: {r['tokens_per_s']:,.0f} tokens/s")
+                console.print(
+                    f"{preset} {precision} batch {batch}: {r['tokens_per_s']:,.0f} tokens/s"
+                )
     console.print(table)
 
 

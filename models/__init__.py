@@ -1,8 +1,8 @@
 """The tformer network, importable on its own: config, presets, transformer, KV cache, weight I/O.
 
-    from models import get_preset, Transformer
-    model = Transformer(get_preset("nano", vocab_size=512))
-    logits = model(tokens)  # (B, T) -> (B, T, vocab_size)
+from models import get_preset, Transformer
+model = Transformer(get_preset("nano", vocab_size=512))
+logits = model(tokens)  # (B, T) -> (B, T, vocab_size)
 """
 
 from models.attention import CausalSelfAttention, math_attention

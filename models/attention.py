@@ -74,7 +74,12 @@ class CausalSelfAttention(nn.Module):
             y = math_attention(q, k, v, mask, is_causal, dropout)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=is_causal,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)

@@ -57,7 +57,9 @@ class ModelConfig:
                 )
             self.head_dim = self.dim // self.n_heads
         if self.mlp not in MLPS:
-            raise ConfigError(f"model config: mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+            raise ConfigError(
+                f"model config: mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}"
+            )
         if self.hidden_dim is None:
             self.hidden_dim = _swiglu_hidden(self.dim) if self.mlp == "swiglu" else 4 * self.dim
         for name in ("n_kv_heads", "head_dim", "hidden_dim"):
@@ -70,7 +72,9 @@ class ModelConfig:
                 f"{self.n_kv_heads} (each key/value head serves a whole group of query heads)"
             )
         if self.norm not in NORMS:
-            raise ConfigError(f"model config: norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+            raise ConfigError(
+                f"model config: norm must be one of {', '.join(NORMS)}, got {self.norm!r}"
+            )
         if self.pos not in POSITIONS:
             raise ConfigError(
                 f"model config: pos must be one of {', '.join(POSITIONS)}, got {self.pos!r}"
@@ -78,7 +82,9 @@ class ModelConfig:
         if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"model config: rope needs an even head_dim, got {self.head_dim}")
         if self.pos == "sinusoidal" and self.dim % 2:
-            raise ConfigError(f"model config: sinusoidal positions need an even dim, got {self.dim}")
+            raise ConfigError(
+                f"model config: sinusoidal positions need an even dim, got {self.dim}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:

@@ -29,7 +29,11 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if (cfg.norm, cfg.pos, cfg.mlp) == ("rmsnorm", "rope", "swiglu") and not cfg.bias:
         return "LlamaForCausalLM"
     if (cfg.norm, cfg.pos, cfg.mlp) == ("layernorm", "learned", "gelu") and cfg.bias:
-        if cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.dim and cfg.tie_embeddings:
+        if (
+            cfg.n_kv_heads == cfg.n_heads
+            and cfg.head_dim * cfg.n_heads == cfg.dim
+            and cfg.tie_embeddings
+        ):
             return "GPT2LMHeadModel"
     raise ConfigError(
         f"no Hugging Face architecture matches norm={cfg.norm} pos={cfg.pos} mlp={cfg.mlp} "
@@ -67,7 +71,9 @@ def config_from_llama(hf: dict[str, Any]) -> ModelConfig:
     # transformers 5 keeps rope settings in rope_parameters, 4.x in rope_theta / rope_scaling
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConfigError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported, only plain RoPE")
+        raise ConfigError(
+            f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported, only plain RoPE"
+        )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("Llama checkpoints with attention or MLP biases are not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -90,7 +96,10 @@ def config_from_llama(hf: dict[str, Any]) -> ModelConfig:
 
 def to_llama_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """tformer tensor names -> LlamaForCausalLM names."""
-    out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["norm.weight"]}
+    out = {
+        "model.embed_tokens.weight": state["tok_emb.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
     out["lm_head.weight"] = state["tok_emb.weight"] if cfg.tie_embeddings else state["head.weight"]
     for i in range(cfg.n_layers):
         for ours, theirs in _LLAMA_LAYER.items():
@@ -100,7 +109,10 @@ def to_llama_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
 
 def from_llama_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM tensor names -> tformer names (head.weight left out when tied)."""
-    out = {"tok_emb.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
+    out = {
+        "tok_emb.weight": state["model.embed_tokens.weight"],
+        "norm.weight": state["model.norm.weight"],
+    }
     if not cfg.tie_embeddings:
         out["head.weight"] = state["lm_head.weight"]
     for i in range(cfg.n_layers):
@@ -142,7 +154,9 @@ def to_gpt2_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         p, h = f"layers.{i}.", f"transformer.h.{i}."
         qkv = [state[f"{p}attn.{w}.weight"] for w in ("wq", "wk", "wv")]
         out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t().contiguous()
-        out[h + "attn.c_attn.bias"] = torch.cat([state[f"{p}attn.{w}.bias"] for w in ("wq", "wk", "wv")])
+        out[h + "attn.c_attn.bias"] = torch.cat(
+            [state[f"{p}attn.{w}.bias"] for w in ("wq", "wk", "wv")]
+        )
         out[h + "attn.c_proj.weight"] = state[p + "attn.wo.weight"].t().contiguous()
         out[h + "attn.c_proj.bias"] = state[p + "attn.wo.bias"]
         out[h + "mlp.c_fc.weight"] = state[p + "mlp.w1.weight"].t().contiguous()

@@ -43,12 +43,20 @@ def gguf_architecture(cfg: ModelConfig) -> str:
 
 def rope_halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder each head's rows from rotate-half layout to llama.cpp's interleaved-pair layout."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def rope_pairs_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of rope_halves_to_pairs."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def to_gguf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -65,11 +73,17 @@ def to_gguf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         if arch == "llama":
             for ours, theirs in _LLAMA_LAYER.items():
                 out[b + theirs] = state[p + ours]
-            out[b + "attn_q.weight"] = rope_halves_to_pairs(state[p + "attn.wq.weight"], cfg.n_heads)
-            out[b + "attn_k.weight"] = rope_halves_to_pairs(state[p + "attn.wk.weight"], cfg.n_kv_heads)
+            out[b + "attn_q.weight"] = rope_halves_to_pairs(
+                state[p + "attn.wq.weight"], cfg.n_heads
+            )
+            out[b + "attn_k.weight"] = rope_halves_to_pairs(
+                state[p + "attn.wk.weight"], cfg.n_kv_heads
+            )
             continue
         for kind in ("weight", "bias"):
-            out[f"{b}attn_qkv.{kind}"] = torch.cat([state[f"{p}attn.{w}.{kind}"] for w in ("wq", "wk", "wv")])
+            out[f"{b}attn_qkv.{kind}"] = torch.cat(
+                [state[f"{p}attn.{w}.{kind}"] for w in ("wq", "wk", "wv")]
+            )
             for ours, theirs in _GPT2_LAYER.items():
                 out[f"{b}{theirs}.{kind}"] = state[f"{p}{ours}.{kind}"]
     return out
@@ -89,12 +103,14 @@ def gguf_metadata(cfg: ModelConfig) -> dict[str, Any]:
     if arch == "gpt2":
         meta["attention.layer_norm_epsilon"] = cfg.norm_eps
         return meta
-    meta.update({
-        "attention.head_count_kv": cfg.n_kv_heads,
-        "attention.key_length": cfg.head_dim,
-        "attention.value_length": cfg.head_dim,
-        "attention.layer_norm_rms_epsilon": cfg.norm_eps,
-        "rope.dimension_count": cfg.head_dim,
-        "rope.freq_base": cfg.rope_theta,
-    })
+    meta.update(
+        {
+            "attention.head_count_kv": cfg.n_kv_heads,
+            "attention.key_length": cfg.head_dim,
+            "attention.value_length": cfg.head_dim,
+            "attention.layer_norm_rms_epsilon": cfg.norm_eps,
+            "rope.dimension_count": cfg.head_dim,
+            "rope.freq_base": cfg.rope_theta,
+        }
+    )
     return meta

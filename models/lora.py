@@ -12,7 +12,13 @@ import math
 import torch
 from torch import nn
 
-TARGETS = {"q": ("attn.wq",), "k": ("attn.wk",), "v": ("attn.wv",), "o": ("attn.wo",), "mlp": ("mlp.w1", "mlp.w2", "mlp.w3")}
+TARGETS = {
+    "q": ("attn.wq",),
+    "k": ("attn.wk",),
+    "v": ("attn.wv",),
+    "o": ("attn.wo",),
+    "mlp": ("mlp.w1", "mlp.w2", "mlp.w3"),
+}
 
 
 class LoRALinear(nn.Module):
@@ -39,12 +45,20 @@ def target_names(model: nn.Module, targets: list[str]) -> list[str]:
     """Module names of the Linear layers the targets (q, k, v, o, mlp) pick."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {', '.join(unknown)}: choose from {', '.join(TARGETS)}")
+        raise ValueError(
+            f"unknown LoRA target(s) {', '.join(unknown)}: choose from {', '.join(TARGETS)}"
+        )
     suffixes = tuple(s for t in targets for s in TARGETS[t])
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(suffixes)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.endswith(suffixes)
+    ]
 
 
-def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
+def apply_lora(
+    model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0
+) -> list[str]:
     """Freeze the model and wrap the targeted Linear layers in LoRA; returns their names."""
     names = target_names(model, targets)
     if not names:

@@ -14,17 +14,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 5,721,344 (5.7M): a few million parameters, 512-token context.
     "tiny": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=8, hidden_dim=672, max_seq_len=512),
     # 15,191,712 (15.2M): llama2.c's "stories15M" shape (tied embeddings, as llama2.c shares the classifier).
-    "small": dict(vocab_size=32000, dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),
+    "small": dict(
+        vocab_size=32000, dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256
+    ),
     # 14,528,160 (14.5M): `small` with grouped-query attention, 2 key/value heads for 6 query heads.
     "small-gqa": dict(
-        vocab_size=32000, dim=288, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=768,
+        vocab_size=32000,
+        dim=288,
+        n_layers=6,
+        n_heads=6,
+        n_kv_heads=2,
+        hidden_dim=768,
         max_seq_len=256,
     ),
     # 124,439,808 (124.4M): the original-transformer decoder as GPT-2 small has it: learned positions,
     # LayerNorm, GELU, biases, tied embeddings, 12 layers x 768.
     "gpt2": dict(
-        vocab_size=50257, dim=768, n_layers=12, n_heads=12, hidden_dim=3072, max_seq_len=1024,
-        norm="layernorm", pos="learned", mlp="gelu", bias=True, tie_embeddings=True,
+        vocab_size=50257,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        hidden_dim=3072,
+        max_seq_len=1024,
+        norm="layernorm",
+        pos="learned",
+        mlp="gelu",
+        bias=True,
+        tie_embeddings=True,
     ),
 }
 

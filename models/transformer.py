@@ -39,7 +39,9 @@ class Transformer(nn.Module):
         if cfg.pos == "learned":
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim)
         elif cfg.pos == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.dim, cfg.max_seq_len), persistent=False)
+            self.register_buffer(
+                "pos_table", sinusoidal_table(cfg.dim, cfg.max_seq_len), persistent=False
+            )
         else:
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -66,7 +68,9 @@ class Transformer(nn.Module):
     def set_attention(self, impl: str) -> None:
         """Choose the attention implementation: "sdpa" (fused) or "math" (explicit T x T scores)."""
         if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+            raise ValueError(
+                f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}"
+            )
         for block in self.layers:
             block.attn.impl = impl
 
@@ -76,8 +80,13 @@ class Transformer(nn.Module):
         """A zeroed KV cache for this model on its device (max_len defaults to the context window)."""
         cfg, ref = self.config, self.tok_emb.weight
         return KVCache(
-            cfg.n_layers, batch_size, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
-            dtype=dtype or ref.dtype, device=ref.device,
+            cfg.n_layers,
+            batch_size,
+            cfg.n_kv_heads,
+            max_len or cfg.max_seq_len,
+            cfg.head_dim,
+            dtype=dtype or ref.dtype,
+            device=ref.device,
         )
 
     def hidden(
@@ -132,7 +141,10 @@ class Transformer(nn.Module):
         if key_mask is not None:
             # A pad query would see no key at all and turn NaN (which 0-weights then spread);
             # letting every query see itself keeps it finite. Real queries never see pads.
-            itself = torch.arange(S, device=device)[None, :] == torch.arange(S - T, S, device=device)[:, None]
+            itself = (
+                torch.arange(S, device=device)[None, :]
+                == torch.arange(S - T, S, device=device)[:, None]
+            )
             mask = (mask & key_mask[:, None, :S].bool()) | itself  # (B, T, S)
             mask = mask.unsqueeze(1)  # (B, 1, T, S)
         return mask, False

@@ -55,7 +55,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write tensors to a safetensors file atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -83,13 +85,18 @@ def model_state(model: Transformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(model: Transformer, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+def save_model(
+    model: Transformer, directory: str | Path, extra: dict[str, Any] | None = None
+) -> None:
     """Write model.safetensors and config.json ({"format", "model", **extra}) into directory."""
     save_state(model.state_dict(), model.config, directory, extra)
 
 
 def save_state(
-    state: dict[str, torch.Tensor], config: ModelConfig, directory: str | Path, extra: dict[str, Any] | None = None
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    directory: str | Path,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """save_model for a state dict (e.g. one gathered from FSDP), without building a model."""
     directory = Path(directory)
@@ -100,7 +107,9 @@ def save_state(
     write_config(directory, config, extra)
 
 
-def write_config(directory: str | Path, config: ModelConfig, extra: dict[str, Any] | None = None) -> None:
+def write_config(
+    directory: str | Path, config: ModelConfig, extra: dict[str, Any] | None = None
+) -> None:
     data = {"format": FORMAT, "model": config.to_dict(), **(extra or {})}
     atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
 
@@ -113,12 +122,14 @@ def read_config_file(directory: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise CheckpointError(
+            f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
     except UnicodeDecodeError:
         raise CheckpointError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
         raise CheckpointError(
-            f"{path}: not a tformer config (no \"format\": \"tformer\" with a \"model\" section); "
+            f'{path}: not a tformer config (no "format": "tformer" with a "model" section); '
             "a Hugging Face checkpoint must be imported first"
         )
     return data
@@ -144,7 +155,9 @@ def load_weights(model: Transformer, path: str | Path) -> None:
         if missing:
             parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+            parts.append(
+                f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
+            )
         raise CheckpointError(f"{path}: tensors do not match config.json ({'; '.join(parts)})")
     for name, want in expected.items():
         got = tensors[name]
@@ -153,7 +166,9 @@ def load_weights(model: Transformer, path: str | Path) -> None:
                 f"{path}: {name} has shape {tuple(got.shape)} but config.json implies {tuple(want.shape)}"
             )
         if not got.is_floating_point():
-            raise CheckpointError(f"{path}: {name} has dtype {got.dtype}, expected a floating-point type")
+            raise CheckpointError(
+                f"{path}: {name} has dtype {got.dtype}, expected a floating-point type"
+            )
     with torch.no_grad():
         for name, want in expected.items():
             want.copy_(tensors[name])

@@ -16,7 +16,9 @@ def main(out: str) -> None:
     text = "\n\n".join(topics[name].strip() for name in sorted(topics)) + "\n"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text, encoding="utf-8")
-    print(f"wrote {out}: {len(text.encode()):,} bytes from pydoc_data.topics ({len(topics)} topics)")
+    print(
+        f"wrote {out}: {len(text.encode()):,} bytes from pydoc_data.topics ({len(topics)} topics)"
+    )
 
 
 if __name__ == "__main__":

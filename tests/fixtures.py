@@ -44,11 +44,17 @@ def instruction_records(n: int = 400) -> tuple[dict[str, str], ...]:
         for i, para in enumerate(paragraphs):
             first = para.split("\n", 1)[0][:120]
             if i % 3 == 2:
-                rec = {"instruction": f"Explain this line from the notes on '{name}'.", "input": first,
-                       "output": para[:300]}
+                rec = {
+                    "instruction": f"Explain this line from the notes on '{name}'.",
+                    "input": first,
+                    "output": para[:300],
+                }
             else:
-                rec = {"instruction": f"What does the Python documentation say about '{name}'? ({i + 1})",
-                       "input": "", "output": para[:300]}
+                rec = {
+                    "instruction": f"What does the Python documentation say about '{name}'? ({i + 1})",
+                    "input": "",
+                    "output": para[:300],
+                }
             records.append(rec)
     if len(records) < n:
         raise ValueError(f"only {len(records)} instruction records can be built, asked for {n}")

@@ -25,7 +25,17 @@ HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden"
 COLUMNS = "100"
 # Figures of `profile --no-measure` that describe the machine, not the model.
-VOLATILE = {"device_name", "free_bytes", "free_memory_bytes", "label", "budget_bytes", "max_batch_size", "max_seq_len", "fits", "notes"}
+VOLATILE = {
+    "device_name",
+    "free_bytes",
+    "free_memory_bytes",
+    "label",
+    "budget_bytes",
+    "max_batch_size",
+    "max_seq_len",
+    "fits",
+    "notes",
+}
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -93,11 +103,24 @@ def _strip_volatile(value):
 
 def capture_profiles(run: Path) -> dict[str, object]:
     found = {}
-    for name, args in [("nano", ["--preset", "nano"]), ("small", ["--preset", "small", "--seq-len", "512"]),
-                       ("gpt2", ["--preset", "gpt2", "--seq-len", "256,1024", "--batch-size", "4"]),
-                       ("default", []), ("run", ["-m", str(run)])]:
-        code, out, err = _cli("profile", *args, "--no-measure", "--device", "cpu", "--precision", "fp32",
-                              "--json", "-")
+    for name, args in [
+        ("nano", ["--preset", "nano"]),
+        ("small", ["--preset", "small", "--seq-len", "512"]),
+        ("gpt2", ["--preset", "gpt2", "--seq-len", "256,1024", "--batch-size", "4"]),
+        ("default", []),
+        ("run", ["-m", str(run)]),
+    ]:
+        code, out, err = _cli(
+            "profile",
+            *args,
+            "--no-measure",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--json",
+            "-",
+        )
         assert code == 0, err
         found[name] = _strip_volatile(json.loads(out))
     return found
@@ -105,35 +128,87 @@ def capture_profiles(run: Path) -> dict[str, object]:
 
 def train_run(work: Path) -> tuple[Path, dict[str, object]]:
     """A seeded fp32 nano run on the fixture corpus; the sha256 of each tensor it wrote."""
-    from safetensors import safe_open
-
     from fixtures import write_corpus
+    from safetensors import safe_open
 
     corpus = write_corpus(work / "corpus.txt", 60_000)
     run = work / "run"
-    code, _, err = _cli("train", corpus, "-o", run, "--preset", "nano", "--precision", "fp32", "--vocab-size",
-                        "512", "--batch-size", "4", "--seq-len", "64", "--max-steps", "40", "--eval-every", "20", "--lr", "3e-3",
-                        "--eval-batches", "1", "--save-every", "20", "--sample-every", "0", "--seed", "7",
-                        "--cache-dir", work / "cache", "--quiet")
+    code, _, err = _cli(
+        "train",
+        corpus,
+        "-o",
+        run,
+        "--preset",
+        "nano",
+        "--precision",
+        "fp32",
+        "--vocab-size",
+        "512",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--max-steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--lr",
+        "3e-3",
+        "--eval-batches",
+        "1",
+        "--save-every",
+        "20",
+        "--sample-every",
+        "0",
+        "--seed",
+        "7",
+        "--cache-dir",
+        work / "cache",
+        "--quiet",
+    )
     assert code == 0, err
     hashes: dict[str, object] = {}
     for path in sorted(run.rglob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             hashes[str(path.relative_to(run))] = {
-                k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest()[:16] for k in sorted(f.keys())
+                k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest()[:16]
+                for k in sorted(f.keys())
             }
     layout = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     config = json.loads((run / "config.json").read_text())
-    return run, {"tensors": hashes, "layout": layout, "config_keys": sorted(config),
-                 "model": config["model"], "step": config["step"]}
+    return run, {
+        "tensors": hashes,
+        "layout": layout,
+        "config_keys": sorted(config),
+        "model": config["model"],
+        "step": config["step"],
+    }
 
 
 def capture_generate(run: Path) -> dict[str, object]:
     """Greedy and seeded sampled continuations (the sampled ones exercise more of the vocabulary)."""
     found = {}
-    for name, sampling in (("greedy", ["--temperature", "0"]), ("sampled", ["--temperature", "1", "--seed", "3"])):
-        code, out, err = _cli("generate", "-m", run, "-p", "The", "-p", "def", "-n", "24", *sampling,
-                              "--precision", "fp32", "--device", "cpu", "--json")
+    for name, sampling in (
+        ("greedy", ["--temperature", "0"]),
+        ("sampled", ["--temperature", "1", "--seed", "3"]),
+    ):
+        code, out, err = _cli(
+            "generate",
+            "-m",
+            run,
+            "-p",
+            "The",
+            "-p",
+            "def",
+            "-n",
+            "24",
+            *sampling,
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--json",
+        )
         assert code == 0, err
         data = json.loads(out)
         found[name] = {"rows": data["rows"], "text": data["text"], "keys": sorted(data)}
@@ -177,7 +252,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["capture"]:
         GOLDEN.mkdir(exist_ok=True)
         data = capture()
-        (GOLDEN / "golden.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        (GOLDEN / "golden.json").write_text(
+            json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8"
+        )
         print(f"wrote {GOLDEN / 'golden.json'}")
         return 0
     if argv[:1] == ["compare"]:

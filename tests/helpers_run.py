@@ -13,7 +13,7 @@ import torch
 from fixtures import corpus_text
 
 from models import Transformer, get_preset, save_model
-from tformer_cli.tokenizer import load_tokenizer, train_tokenizer
+from tformer_cli.data.tokenizer import load_tokenizer, train_tokenizer
 
 CORPUS_CHARS = 100_000  # enough for a 300-600 token vocabulary, trains in well under a second
 
@@ -52,8 +52,13 @@ def _train_briefly(net: Transformer, tokenizer: Path, steps: int, seq_len: int =
 
 
 def make_run(
-    directory: Path, tokenizer: Path | None = None, seed: int = 0, chat: bool = False,
-    train_steps: int = 0, vocab_size: int | None = None, **model,
+    directory: Path,
+    tokenizer: Path | None = None,
+    seed: int = 0,
+    chat: bool = False,
+    train_steps: int = 0,
+    vocab_size: int | None = None,
+    **model,
 ) -> Path:
     """A run dir with a nano-shaped model (fields overridable) and a tokenizer (the shared one by default).
 

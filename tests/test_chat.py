@@ -8,12 +8,12 @@ import pytest
 from helpers_run import make_run, shared_tokenizer
 
 from models import load_model
-from tformer_cli.chat_session import ChatSession
-from tformer_cli.chat_template import encode_chat, encode_chat_with_mask, plain_transcript
 from tformer_cli.commands.chat import _ReplyPrinter
-from tformer_cli.generation import generate
-from tformer_cli.sampling import SamplingConfig
-from tformer_cli.tokenizer import load_tokenizer
+from tformer_cli.data.chat_template import encode_chat, encode_chat_with_mask, plain_transcript
+from tformer_cli.data.tokenizer import load_tokenizer
+from tformer_cli.inference.chat import ChatSession
+from tformer_cli.inference.engine import generate
+from tformer_cli.inference.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,10 @@ def test_two_turn_conversation_has_the_exact_token_layout(tok_path):
     ids, mask = encode_chat_with_mask(tok, messages[:3])
     assert ids == expected[: len(ids)]
     reply = [i for i, keep in zip(ids, mask, strict=True) if keep]
-    assert reply == [*tok.encode("Hello."), m["<|end|>"]]  # only the reply and its end marker carry loss
+    assert reply == [
+        *tok.encode("Hello."),
+        m["<|end|>"],
+    ]  # only the reply and its end marker carry loss
 
 
 def test_plain_transcript_for_base_models():
@@ -71,13 +74,17 @@ def test_second_turn_prefills_only_the_new_tokens(chat_run):
 def test_old_turns_are_dropped_when_the_window_is_full(tok_path, tmp_path):
     run = make_run(tmp_path / "r", tok_path, chat=True, max_seq_len=64)
     model, tok = load_model(run), load_tokenizer(run / "tokenizer.model")
-    session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=8, system="Sys")
+    session = ChatSession(
+        model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=8, system="Sys"
+    )
     for n in range(8):
         session.reply(f"message number {n} with some words")
     assert session.dropped_turns > 0
     assert session.conversation()[0] == {"role": "system", "content": "Sys"}
     assert session.messages[-2]["content"] == "message number 7 with some words"
-    assert session.last.prefilled_tokens + session.last.reused_tokens <= 64 - 8  # prompt + room for the reply
+    assert (
+        session.last.prefilled_tokens + session.last.reused_tokens <= 64 - 8
+    )  # prompt + room for the reply
     assert len(session.cached) <= 64
 
 
@@ -92,24 +99,43 @@ def test_piped_replies_are_the_sessions_greedy_replies(chat_run, cli):
     model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
     session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=15)
     expected = [session.reply("Hello"), session.reply("Who are you?")]
-    res = cli("chat", "-m", chat_run, "--temperature", "0", "--precision", "fp32", "-n", "15",
-              stdin="Hello\nWho are you?\n")
+    res = cli(
+        "chat",
+        "-m",
+        chat_run,
+        "--temperature",
+        "0",
+        "--precision",
+        "fp32",
+        "-n",
+        "15",
+        stdin="Hello\nWho are you?\n",
+    )
     assert res.stdout.splitlines() == [e.strip().replace("\n", "\\n") for e in expected]
 
 
 def test_a_reply_is_the_greedy_continuation_of_the_template(chat_run):
     model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
-    session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=15, system="Be kind.")
+    session = ChatSession(
+        model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=15, system="Be kind."
+    )
     reply = session.reply("Hello")
-    prompt = encode_chat(tok, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}])
+    prompt = encode_chat(
+        tok, [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}]
+    )
     (ref,), _ = generate(model, tok, [prompt], SamplingConfig(temperature=0), 15)
     assert reply == ref.text
-    assert session.messages == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ref.text}]
+    assert session.messages == [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": ref.text},
+    ]
 
 
 def test_plain_mode_continues_a_transcript(chat_run):
     model, tok = load_model(chat_run), load_tokenizer(chat_run / "tokenizer.model")
-    session = ChatSession(model, tok, "plain", SamplingConfig(temperature=0), max_new_tokens=15, system="S")
+    session = ChatSession(
+        model, tok, "plain", SamplingConfig(temperature=0), max_new_tokens=15, system="S"
+    )
     session.messages = [{"role": "user", "content": "Hi"}]
     assert session.prompt_ids() == [tok.bos_id, *tok.encode("S\nUser: Hi\nAssistant:")]
 
@@ -128,7 +154,9 @@ def test_an_interrupted_reply_leaves_no_trace(chat_run):
     with pytest.raises(KeyboardInterrupt):
         session.reply("Tell me more", ctrl_c)
     assert session.messages == before and session.cached == []  # the next turn prefills afresh
-    session.max_new_tokens = model.config.max_seq_len  # this turn must drop the first one to fit ...
+    session.max_new_tokens = (
+        model.config.max_seq_len
+    )  # this turn must drop the first one to fit ...
     with pytest.raises(KeyboardInterrupt):
         session.reply("x " * 100, ctrl_c)
     assert session.messages == before and session.dropped_turns == 0  # ... but was interrupted
@@ -175,7 +203,9 @@ def test_bad_set_value_in_a_pipe_is_an_error(chat_run, cli):
 
 def test_load_errors_are_one_line(chat_run, cli, tmp_path):
     res = cli("chat", "-m", chat_run, stdin=f"/load {tmp_path / 'missing.json'}\n")
-    assert res.exit_code == 1 and "no such transcript" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.exit_code == 1 and "no such transcript" in res.stderr and "Traceback" not in res.stderr
+    )
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     res = cli("chat", "-m", chat_run, stdin=f"/load {bad}\n")
@@ -185,5 +215,8 @@ def test_load_errors_are_one_line(chat_run, cli, tmp_path):
 def test_stats_shows_the_sampling_settings_as_words(chat_run, cli):
     res = cli("chat", "-m", chat_run, "--top-k", "40", stdin="/stats\n")
     assert res.exit_code == 0, res.stderr
-    assert "sampling: temperature 0.7, top-k 40, top-p 0.95, repetition penalty 1.1 (min-p off)" in res.stderr
+    assert (
+        "sampling: temperature 0.7, top-k 40, top-p 0.95, repetition penalty 1.1 (min-p off)"
+        in res.stderr
+    )
     assert "SamplingConfig" not in res.stderr

@@ -32,7 +32,10 @@ def test_info_json_reports_the_machine(cli):
     assert data["tformer"] == __version__
     assert data["torch_threads"] >= 1
     for job in ("train", "inference"):
-        assert data[f"auto_precision_{job}"] in ("fp32", "bf16", "fp16") and data[f"auto_precision_{job}_why"]
+        assert (
+            data[f"auto_precision_{job}"] in ("fp32", "bf16", "fp16")
+            and data[f"auto_precision_{job}_why"]
+        )
     assert data["auto_precision_inference"] == "fp32" or data["default_device"] != "cpu"
     assert isinstance(data["cpu_bf16_fast"], bool)
 

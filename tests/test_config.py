@@ -27,14 +27,34 @@ def test_documented_preset_sizes():
 
 def test_small_is_the_stories15m_shape():
     cfg = get_preset("small")
-    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim, cfg.vocab_size) == (288, 6, 6, 768, 32000)
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden_dim, cfg.vocab_size) == (
+        288,
+        6,
+        6,
+        768,
+        32000,
+    )
     assert cfg.max_seq_len >= 256
 
 
 def test_param_counts_split_by_component():
-    cfg = ModelConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=16, tie_embeddings=False, max_seq_len=4)
+    cfg = ModelConfig(
+        vocab_size=10,
+        dim=8,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=16,
+        tie_embeddings=False,
+        max_seq_len=4,
+    )
     counts = cfg.param_counts()
-    assert counts == {"embeddings": 80, "attention": 4 * 64, "mlp": 3 * 128, "norms": 3 * 8, "head": 80}
+    assert counts == {
+        "embeddings": 80,
+        "attention": 4 * 64,
+        "mlp": 3 * 128,
+        "norms": 3 * 8,
+        "head": 80,
+    }
 
 
 def test_overrides_replace_preset_fields():

@@ -10,8 +10,8 @@ import torch
 from helpers_run import make_run
 
 from models.llamacpp import rope_halves_to_pairs, rope_pairs_to_halves
-from tformer_cli.rundir import load_run_model
-from tformer_cli.tokenizer import load_tokenizer
+from tformer_cli.data.tokenizer import load_tokenizer
+from tformer_cli.runs.rundir import load_run_model
 
 PROMPT = "ROMEO:"
 
@@ -37,8 +37,11 @@ def test_rope_permutation_is_inverted_exactly():
 
 # --- Hugging Face ---------------------------------------------------------------------------
 
+
 def _transformers():
-    return pytest.importorskip("transformers", reason="the hf extra is not installed: pip install -e '.[hf]'")
+    return pytest.importorskip(
+        "transformers", reason="the hf extra is not installed: pip install -e '.[hf]'"
+    )
 
 
 def test_hf_export_greedy_continuation_equals_tformer_generate(run, cli, tmp_path):
@@ -46,11 +49,29 @@ def test_hf_export_greedy_continuation_equals_tformer_generate(run, cli, tmp_pat
     out = tmp_path / "hf"
     res = cli("export", run, "--format", "hf", "-o", out)
     assert res.exit_code == 0, res.stderr
-    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "generation_config.json",
-                                               "tokenizer.model", "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    }
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
-    ours = cli("generate", "-m", run, "-p", PROMPT, "-n", "40", "--temperature", "0", "--precision", "fp32", "--json")
+    ours = cli(
+        "generate",
+        "-m",
+        run,
+        "-p",
+        PROMPT,
+        "-n",
+        "40",
+        "--temperature",
+        "0",
+        "--precision",
+        "fp32",
+        "--json",
+    )
     assert ours.exit_code == 0, ours.stderr
     ours = json.loads(ours.stdout)
 
@@ -60,17 +81,20 @@ def test_hf_export_greedy_continuation_equals_tformer_generate(run, cli, tmp_pat
     ids = hf_tok(PROMPT, return_tensors="pt").input_ids
     assert ids[0].tolist() == [tok.bos_id, *tok.encode(PROMPT)]
     with torch.no_grad():
-        new = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
+        new = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
     while new and new[-1] in (tok.eos_id, tok.marker_ids["<|end|>"]):
         new.pop()
     assert ours["new_tokens"] >= len(new) and len(new) > 0
     assert tok.decode(new) == ours["text"]
 
 
-@pytest.mark.parametrize("text", ["plain words", "  two  spaces\nand lines\n\n", "digits 2024", "<|user|>hi<|end|>", "Ünï ☃"])
+@pytest.mark.parametrize(
+    "text",
+    ["plain words", "  two  spaces\nand lines\n\n", "digits 2024", "<|user|>hi<|end|>", "Ünï ☃"],
+)
 def test_hf_tokenizer_gives_our_ids(run, text, tmp_path):
     transformers = _transformers()
-    from tformer_cli.export_hf import export_hf
+    from tformer_cli.interop.hf_export import export_hf
 
     export_hf(run, tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -80,8 +104,8 @@ def test_hf_tokenizer_gives_our_ids(run, text, tmp_path):
 
 def test_chat_run_exports_its_chat_template(tmp_path):
     transformers = _transformers()
-    from tformer_cli.chat_template import encode_chat
-    from tformer_cli.export_hf import export_hf
+    from tformer_cli.data.chat_template import encode_chat
+    from tformer_cli.interop.hf_export import export_hf
 
     run = make_run(tmp_path / "chat", chat=True)
     export_hf(run, tmp_path / "hf")
@@ -96,7 +120,7 @@ def test_chat_run_exports_its_chat_template(tmp_path):
 
 def test_gpt2_style_run_exports_as_gpt2_with_the_same_logits(tmp_path):
     transformers = _transformers()
-    from tformer_cli.export_hf import export_hf
+    from tformer_cli.interop.hf_export import export_hf
 
     run = make_run(tmp_path / "g", norm="layernorm", pos="learned", mlp="gelu", bias=True)
     with torch.no_grad():  # biases start at zero: make them count
@@ -118,8 +142,22 @@ def test_gpt2_style_run_exports_as_gpt2_with_the_same_logits(tmp_path):
 def test_lora_run_exports_merged(run, tmp_path, cli):
     transformers = _transformers()
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Say {i}", "completion": f"{i} {i}"}) for i in range(20)) + "\n")
-    res = cli("finetune", run, data, "-o", tmp_path / "lora", "--max-steps", "3", "--lr", "1e-2", "--quiet")
+    data.write_text(
+        "\n".join(json.dumps({"prompt": f"Say {i}", "completion": f"{i} {i}"}) for i in range(20))
+        + "\n"
+    )
+    res = cli(
+        "finetune",
+        run,
+        data,
+        "-o",
+        tmp_path / "lora",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.stderr
     assert not (tmp_path / "lora" / "model.safetensors").exists()
     res = cli("export", tmp_path / "lora", "--format", "hf", "-o", tmp_path / "hf")
@@ -132,21 +170,34 @@ def test_lora_run_exports_merged(run, tmp_path, cli):
 
 
 def test_hf_export_errors(run, cli, tmp_path):
-    odd = make_run(tmp_path / "odd", pos="learned")  # rmsnorm + learned positions: neither Llama nor GPT-2
-    _one_line_error(cli("export", odd, "--format", "hf", "-o", tmp_path / "x"), "cannot export", "Llama needs")
+    odd = make_run(
+        tmp_path / "odd", pos="learned"
+    )  # rmsnorm + learned positions: neither Llama nor GPT-2
+    _one_line_error(
+        cli("export", odd, "--format", "hf", "-o", tmp_path / "x"), "cannot export", "Llama needs"
+    )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    _one_line_error(cli("export", run, "--format", "hf", "-o", tmp_path / "full"), "not empty", "--overwrite")
+    _one_line_error(
+        cli("export", run, "--format", "hf", "-o", tmp_path / "full"), "not empty", "--overwrite"
+    )
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-    _one_line_error(cli("export", run, "--format", "onnx", "-o", tmp_path / "y"), "--format", "hf, gguf")
-    _one_line_error(cli("export", tmp_path / "nope", "--format", "hf", "-o", tmp_path / "z"), "no such run directory")
+    _one_line_error(
+        cli("export", run, "--format", "onnx", "-o", tmp_path / "y"), "--format", "hf, gguf"
+    )
+    _one_line_error(
+        cli("export", tmp_path / "nope", "--format", "hf", "-o", tmp_path / "z"),
+        "no such run directory",
+    )
 
 
 # --- GGUF -----------------------------------------------------------------------------------
 
 
 def _gguf():
-    return pytest.importorskip("gguf", reason="the gguf extra is not installed: pip install -e '.[gguf]'")
+    return pytest.importorskip(
+        "gguf", reason="the gguf extra is not installed: pip install -e '.[gguf]'"
+    )
 
 
 def _fields(reader) -> dict:
@@ -163,26 +214,56 @@ def test_gguf_reads_back_names_shapes_weights_and_tokenizer(run, cli, tmp_path):
     model, _ = load_run_model(run)
     cfg = model.config
     assert meta["general.architecture"] == "llama"
-    assert (meta["llama.block_count"], meta["llama.embedding_length"], meta["llama.feed_forward_length"]) == (
-        cfg.n_layers, cfg.dim, cfg.hidden_dim)
-    assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (cfg.n_heads, cfg.n_kv_heads)
-    assert meta["llama.context_length"] == cfg.max_seq_len and meta["llama.rope.dimension_count"] == cfg.head_dim
+    assert (
+        meta["llama.block_count"],
+        meta["llama.embedding_length"],
+        meta["llama.feed_forward_length"],
+    ) == (cfg.n_layers, cfg.dim, cfg.hidden_dim)
+    assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (
+        cfg.n_heads,
+        cfg.n_kv_heads,
+    )
+    assert (
+        meta["llama.context_length"] == cfg.max_seq_len
+        and meta["llama.rope.dimension_count"] == cfg.head_dim
+    )
 
     tok = load_tokenizer(run / "tokenizer.model")
     assert meta["tokenizer.ggml.model"] == "llama"
     assert meta["tokenizer.ggml.tokens"] == [tok.id_to_piece(i) for i in range(tok.vocab_size)]
-    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (
+        tok.bos_id,
+        tok.eos_id,
+    )
     types = meta["tokenizer.ggml.token_type"]
     assert [types[i] for i in tok.marker_ids.values()] == [gguf.TokenType.USER_DEFINED] * 4
-    assert types[tok.piece_to_id("<0x41>")] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL
+    assert (
+        types[tok.piece_to_id("<0x41>")] == gguf.TokenType.BYTE
+        and types[1] == gguf.TokenType.CONTROL
+    )
     assert meta["tokenizer.ggml.add_space_prefix"] is False
 
     tensors = {t.name: t for t in reader.tensors}
     expected = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{n}.weight" for i in range(cfg.n_layers) for n in (
-            "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+        f"blk.{i}.{n}.weight"
+        for i in range(cfg.n_layers)
+        for n in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        )
+    }
     assert set(tensors) == expected  # tied: no output.weight, llama.cpp reuses token_embd
-    assert list(tensors["token_embd.weight"].shape) == [cfg.dim, cfg.vocab_size]  # ggml order: columns first
+    assert list(tensors["token_embd.weight"].shape) == [
+        cfg.dim,
+        cfg.vocab_size,
+    ]  # ggml order: columns first
     assert list(tensors["blk.0.ffn_up.weight"].shape) == [cfg.dim, cfg.hidden_dim]
     state = model.state_dict()
     wq = torch.from_numpy(np.array(tensors["blk.1.attn_q.weight"].data))
@@ -194,7 +275,7 @@ def test_gguf_reads_back_names_shapes_weights_and_tokenizer(run, cli, tmp_path):
 @pytest.mark.parametrize("kind, matrix_type", [("f16", "F16"), ("q8_0", "Q8_0")])
 def test_gguf_f16_and_q8_0_keep_norms_in_f32(run, kind, matrix_type, tmp_path):
     gguf = _gguf()
-    from tformer_cli.export_gguf import export_gguf
+    from tformer_cli.interop.gguf_export import export_gguf
 
     export_gguf(run, tmp_path / "m.gguf", kind)
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
@@ -205,20 +286,28 @@ def test_gguf_f16_and_q8_0_keep_norms_in_f32(run, kind, matrix_type, tmp_path):
 
 def test_gguf_gpt2_chat_and_untied_runs(tmp_path):
     gguf = _gguf()
-    from tformer_cli.export_gguf import export_gguf
+    from tformer_cli.interop.gguf_export import export_gguf
 
     gpt2 = make_run(tmp_path / "g", norm="layernorm", pos="learned", mlp="gelu", bias=True)
     export_gguf(gpt2, tmp_path / "g.gguf", "f32")
     reader = gguf.GGUFReader(tmp_path / "g.gguf")
     names = {t.name for t in reader.tensors}
     assert _fields(reader)["general.architecture"] == "gpt2"
-    assert {"position_embd.weight", "blk.0.attn_qkv.weight", "blk.0.attn_qkv.bias", "output_norm.bias"} <= names
+    assert {
+        "position_embd.weight",
+        "blk.0.attn_qkv.weight",
+        "blk.0.attn_qkv.bias",
+        "output_norm.bias",
+    } <= names
 
     chat = make_run(tmp_path / "c", chat=True, tie_embeddings=False, n_kv_heads=2)
     export_gguf(chat, tmp_path / "c.gguf", "f32")
     reader = gguf.GGUFReader(tmp_path / "c.gguf")
     meta = _fields(reader)
-    assert "<|assistant|>" in meta["tokenizer.chat_template"] and meta["tokenizer.ggml.eot_token_id"] == 7
+    assert (
+        "<|assistant|>" in meta["tokenizer.chat_template"]
+        and meta["tokenizer.ggml.eot_token_id"] == 7
+    )
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" in tensors and list(tensors["blk.0.attn_k.weight"].shape) == [96, 2 * 24]
 
@@ -227,8 +316,17 @@ def test_gguf_errors(run, cli, tmp_path, monkeypatch):
     _gguf()
     path = tmp_path / "m.gguf"
     path.write_bytes(b"keep me")
-    _one_line_error(cli("export", run, "--format", "gguf", "-o", path), "already exists", "--overwrite")
+    _one_line_error(
+        cli("export", run, "--format", "gguf", "-o", path), "already exists", "--overwrite"
+    )
     assert path.read_bytes() == b"keep me"
-    _one_line_error(cli("export", run, "--format", "gguf", "-o", tmp_path / "n.gguf", "--type", "q4"), "--type")
-    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # as if the extra were not installed
-    _one_line_error(cli("export", run, "--format", "gguf", "-o", tmp_path / "n.gguf"), "pip install 'tformer[gguf]'")
+    _one_line_error(
+        cli("export", run, "--format", "gguf", "-o", tmp_path / "n.gguf", "--type", "q4"), "--type"
+    )
+    monkeypatch.setitem(
+        __import__("sys").modules, "gguf", None
+    )  # as if the extra were not installed
+    _one_line_error(
+        cli("export", run, "--format", "gguf", "-o", tmp_path / "n.gguf"),
+        "pip install 'tformer[gguf]'",
+    )

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from models import Transformer, get_preset
 from models.lora import LoRALinear, apply_lora, merge_lora
-from tformer_cli.finetune_data import ExampleBatches, load_examples, to_example
-from tformer_cli.finetuner import FinetuneOptions, finetune
-from tformer_cli.loss import IGNORE, lm_loss
-from tformer_cli.rundir import load_run
-from tformer_cli.tokenizer import load_tokenizer
-from tformer_cli.train_config import TrainConfig
+from tformer_cli.data.examples import ExampleBatches, load_examples, to_example
+from tformer_cli.data.tokenizer import load_tokenizer
+from tformer_cli.runs.rundir import load_run
+from tformer_cli.training.config import TrainConfig
+from tformer_cli.training.finetune import FinetuneOptions, finetune
+from tformer_cli.training.loss import IGNORE, lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,22 @@ def tok(tok_path):
 @pytest.fixture(scope="module")
 def base(tok_path, tmp_path_factory):
     """A briefly pretrained nano base (LoRA on a random base has little to build on)."""
-    from tformer_cli.trainer import train
+    from tformer_cli.training.pretrain import train
 
     corpus = tok_path.with_suffix(".txt")  # the tokenizer's own training text
     out = tmp_path_factory.mktemp("ft") / "base"
-    cfg = TrainConfig(preset="nano", model={"max_seq_len": 128}, tokenizer=str(tok_path), batch_size=8,
-                      seq_len=128, max_steps=80, lr=3e-3, eval_every=1000, eval_batches=1, sample_every=0)
+    cfg = TrainConfig(
+        preset="nano",
+        model={"max_seq_len": 128},
+        tokenizer=str(tok_path),
+        batch_size=8,
+        seq_len=128,
+        max_steps=80,
+        lr=3e-3,
+        eval_every=1000,
+        eval_batches=1,
+        sample_every=0,
+    )
     train(cfg, [corpus], out, tmp_path_factory.mktemp("cache"))
     return out
 
@@ -58,18 +68,27 @@ def data400(tmp_path_factory):
 def test_each_format_gives_the_exact_tokens_and_mask(tok):
     m, enc = tok.marker_ids, tok.encode
     user, asst, end = m["<|user|>"], m["<|assistant|>"], m["<|end|>"]
-    chat = to_example(tok, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, "x")
+    chat = to_example(
+        tok,
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+        "x",
+    )
     assert chat.ids == [tok.bos_id, user, *enc("Hi"), end, asst, *enc("Yo"), end]
     assert chat.mask == [False] * (4 + len(enc("Hi"))) + [True] * (len(enc("Yo")) + 1)
     alpaca = to_example(tok, {"instruction": "Add", "input": "1 2", "output": "3"}, "x")
     assert alpaca.ids == [tok.bos_id, user, *enc("Add\n\n1 2"), end, asst, *enc("3"), end]
     assert sum(alpaca.mask) == len(enc("3")) + 1
     no_input = to_example(tok, {"instruction": "Add", "input": "", "output": "3"}, "x")
-    assert no_input.ids[2 : 2 + len(enc("Add"))] == enc("Add") and no_input.ids[2 + len(enc("Add"))] == end
+    assert (
+        no_input.ids[2 : 2 + len(enc("Add"))] == enc("Add")
+        and no_input.ids[2 + len(enc("Add"))] == end
+    )
     pc = to_example(tok, {"prompt": "Q", "completion": "A"}, "x")
     assert pc.ids == [tok.bos_id, user, *enc("Q"), end, asst, *enc("A"), end]
     text = to_example(tok, {"text": "plain words"}, "x")
-    assert text.ids == [tok.bos_id, *enc("plain words"), tok.eos_id] and text.mask == [False] + [True] * (len(text.ids) - 1)
+    assert text.ids == [tok.bos_id, *enc("plain words"), tok.eos_id] and text.mask == [False] + [
+        True
+    ] * (len(text.ids) - 1)
     everything = to_example(tok, {"prompt": "Q", "completion": "A"}, "x", train_on_prompt=True)
     assert everything.mask == [False] + [True] * (len(pc.ids) - 1)
 
@@ -77,7 +96,9 @@ def test_each_format_gives_the_exact_tokens_and_mask(tok):
 def test_txt_json_array_and_jsonl_files(tok, tmp_path):
     (tmp_path / "a.txt").write_text("continued pretraining text")
     (tmp_path / "b.json").write_text(json.dumps([{"prompt": "Q", "completion": "A"}]))
-    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "t"}) + "\n\n" + json.dumps({"prompt": "P", "completion": "C"}) + "\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"text": "t"}) + "\n\n" + json.dumps({"prompt": "P", "completion": "C"}) + "\n"
+    )
     examples = load_examples([tmp_path / "a.txt", tmp_path / "b.json", tmp_path / "c.jsonl"], tok)
     assert len(examples) == 4
 
@@ -117,7 +138,9 @@ def test_lora_at_init_leaves_outputs_unchanged_and_trains_only_adapters():
     idx = torch.randint(0, 100, (2, 12))
     before = model(idx)
     names = apply_lora(model, ["q", "v", "mlp"], rank=4, alpha=8)
-    assert len(names) == 4 * 5 and all(isinstance(model.get_submodule(n), LoRALinear) for n in names)
+    assert len(names) == 4 * 5 and all(
+        isinstance(model.get_submodule(n), LoRALinear) for n in names
+    )
     assert torch.equal(model(idx), before)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".lora_a", ".lora_b")) for n in trainable)
@@ -148,15 +171,42 @@ def test_bad_lora_targets(base, data400, cli, tmp_path):
 
 
 def _losses(run):
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return [
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
 
 
 @pytest.mark.parametrize("method", ["--lora", "--full"])
 def test_lora_and_full_lower_the_loss_and_the_run_loads(method, base, data400, cli, tmp_path):
     out = tmp_path / method.strip("-")
-    extra = ["--lora-targets", "q,k,v,o,mlp", "--lr", "1e-2"] if method == "--lora" else ["--lr", "3e-3"]
-    res = cli("finetune", base, data400, "-o", out, method, "--max-steps", "40", "--batch-size", "8",
-              "--seq-len", "96", "--log-every", "5", "--eval-every", "20", "--quiet", "--json", *extra)
+    extra = (
+        ["--lora-targets", "q,k,v,o,mlp", "--lr", "1e-2"]
+        if method == "--lora"
+        else ["--lr", "3e-3"]
+    )
+    res = cli(
+        "finetune",
+        base,
+        data400,
+        "-o",
+        out,
+        method,
+        "--max-steps",
+        "40",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "96",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "20",
+        "--quiet",
+        "--json",
+        *extra,
+    )
     assert res.exit_code == 0, res.stderr
     card = json.loads(res.stdout)
     losses = _losses(out)
@@ -165,7 +215,9 @@ def test_lora_and_full_lower_the_loss_and_the_run_loads(method, base, data400, c
     assert config["chat"] is True and config["base"] == str(base.resolve())
     if method == "--lora":
         assert (out / "adapter.safetensors").is_file() and not (out / "model.safetensors").exists()
-        assert (out / "adapter.safetensors").stat().st_size < 0.15 * (base / "model.safetensors").stat().st_size
+        assert (out / "adapter.safetensors").stat().st_size < 0.15 * (
+            base / "model.safetensors"
+        ).stat().st_size
         assert card["trainable_params"] < 0.15 * card["params"]
     else:
         assert (out / "model.safetensors").is_file() and card["trainable_params"] == card["params"]
@@ -176,13 +228,19 @@ def test_lora_and_full_lower_the_loss_and_the_run_loads(method, base, data400, c
 
 
 def test_merge_writes_a_standalone_model_with_the_same_outputs(base, data400, tmp_path):
-    cfg = TrainConfig(max_steps=6, batch_size=4, seq_len=64, lr=3e-3, eval_every=100, eval_batches=1)
+    cfg = TrainConfig(
+        max_steps=6, batch_size=4, seq_len=64, lr=3e-3, eval_every=100, eval_batches=1
+    )
     card = finetune(cfg, FinetuneOptions(merge=True), base, [data400], tmp_path / "m")
     assert card["merged"]
     merged = load_file(tmp_path / "m" / "model.safetensors")
     adapter = load_file(tmp_path / "m" / "adapter.safetensors")
-    assert "layers.0.attn.wq.weight" in merged and all(k.endswith(("lora_a", "lora_b")) for k in adapter)
-    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "merged.bak")  # base + adapter path
+    assert "layers.0.attn.wq.weight" in merged and all(
+        k.endswith(("lora_a", "lora_b")) for k in adapter
+    )
+    (tmp_path / "m" / "model.safetensors").rename(
+        tmp_path / "m" / "merged.bak"
+    )  # base + adapter path
     idx = torch.randint(0, 100, (1, 10))
     with torch.no_grad():
         via_adapter = load_run(tmp_path / "m").model(idx)
@@ -193,7 +251,15 @@ def test_merge_writes_a_standalone_model_with_the_same_outputs(base, data400, tm
 
 
 def test_interrupt_and_resume_is_exact(base, data400, tmp_path):
-    cfg = dict(max_steps=12, batch_size=4, seq_len=64, lr=3e-3, eval_every=5, eval_batches=1, save_every=100)
+    cfg = dict(
+        max_steps=12,
+        batch_size=4,
+        seq_len=64,
+        lr=3e-3,
+        eval_every=5,
+        eval_batches=1,
+        save_every=100,
+    )
     finetune(TrainConfig(**cfg), FinetuneOptions(dropout=0.1), base, [data400], tmp_path / "a")
     stop = threading.Event()
 
@@ -201,10 +267,28 @@ def test_interrupt_and_resume_is_exact(base, data400, tmp_path):
         if kind in ("step", "tick") and data["step"] == 7:
             stop.set()
 
-    card = finetune(TrainConfig(**cfg), FinetuneOptions(dropout=0.1), base, [data400], tmp_path / "b", on_event=on_event, stop=stop)
+    card = finetune(
+        TrainConfig(**cfg),
+        FinetuneOptions(dropout=0.1),
+        base,
+        [data400],
+        tmp_path / "b",
+        on_event=on_event,
+        stop=stop,
+    )
     assert card["interrupted"] and card["steps"] == 7
-    finetune(TrainConfig(**cfg), FinetuneOptions(dropout=0.1), base, [data400], tmp_path / "b", resume=True)
-    a, b = load_file(tmp_path / "a" / "adapter.safetensors"), load_file(tmp_path / "b" / "adapter.safetensors")
+    finetune(
+        TrainConfig(**cfg),
+        FinetuneOptions(dropout=0.1),
+        base,
+        [data400],
+        tmp_path / "b",
+        resume=True,
+    )
+    a, b = (
+        load_file(tmp_path / "a" / "adapter.safetensors"),
+        load_file(tmp_path / "b" / "adapter.safetensors"),
+    )
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
@@ -215,16 +299,37 @@ def test_broken_line_401_is_named(base, data400, cli, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text(data400.read_text() + '{"instruction": "x", "output": \n')
     res = cli("finetune", base, broken, "-o", tmp_path / "x")
-    assert res.exit_code == 1 and "broken.jsonl:401" in res.stderr and "line 401 is not valid JSON" in res.stderr
+    assert (
+        res.exit_code == 1
+        and "broken.jsonl:401" in res.stderr
+        and "line 401 is not valid JSON" in res.stderr
+    )
 
 
 def test_messages_format_file_works(base, cli, tmp_path):
     data = tmp_path / "chat.jsonl"
-    conv = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                         {"role": "assistant", "content": "Goodbye."}]}
+    conv = {
+        "messages": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    }
     data.write_text((json.dumps(conv) + "\n") * 20)
-    res = cli("finetune", base, data, "-o", tmp_path / "c", "--max-steps", "3", "--batch-size", "4", "--quiet")
+    res = cli(
+        "finetune",
+        base,
+        data,
+        "-o",
+        tmp_path / "c",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.stderr
 
 
@@ -252,7 +357,23 @@ def test_empty_data_missing_base_and_other_base_on_resume(base, tok_path, data40
     res = cli("finetune", tmp_path / "nobase", data400, "-o", tmp_path / "x")
     assert res.exit_code == 1 and "no such run directory" in res.stderr
     out = tmp_path / "r"
-    assert cli("finetune", base, data400, "-o", out, "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "-q").exit_code == 0
+    assert (
+        cli(
+            "finetune",
+            base,
+            data400,
+            "-o",
+            out,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "-q",
+        ).exit_code
+        == 0
+    )
     other = make_run(tmp_path / "other", tok_path, seed=9, max_seq_len=128)
     res = cli("finetune", other, data400, "-o", out, "--max-steps", "4", "--resume", "-q")
     assert res.exit_code == 1 and "another base" in res.stderr

@@ -9,10 +9,10 @@ import torch
 from helpers_run import make_run, shared_tokenizer
 
 from models import Transformer, get_preset, load_model
-from tformer_cli.decode_step import DecodeStep, decode_step_for, prepare_for_inference
-from tformer_cli.generation import StreamDecoder, generate
-from tformer_cli.sampling import SamplingConfig
-from tformer_cli.tokenizer import load_tokenizer
+from models.decode import DecodeStep, decode_step_for, prepare_for_inference
+from tformer_cli.data.tokenizer import load_tokenizer
+from tformer_cli.inference.engine import StreamDecoder, generate
+from tformer_cli.inference.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -60,13 +60,19 @@ def test_cached_decoding_matches_a_full_forward_at_each_step(loaded):
 def test_same_seed_same_text_and_different_seed_differs(loaded):
     model, tok = loaded
     hot = SamplingConfig(temperature=1.0, top_k=50)
-    runs = [generate(model, tok, [ids(tok, "ROMEO:")], hot, 40, seed=s)[0][0].ids for s in (5, 5, 6)]
+    runs = [
+        generate(model, tok, [ids(tok, "ROMEO:")], hot, 40, seed=s)[0][0].ids for s in (5, 5, 6)
+    ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 def test_batched_rows_equal_their_unbatched_greedy_outputs(loaded):
     model, tok = loaded
-    prompts = [ids(tok, "Hi"), ids(tok, "What light through yonder window breaks? It is"), ids(tok, "Good morrow")]
+    prompts = [
+        ids(tok, "Hi"),
+        ids(tok, "What light through yonder window breaks? It is"),
+        ids(tok, "Good morrow"),
+    ]
     alone = [generate(model, tok, [p], GREEDY, 30)[0][0].ids for p in prompts]
     batched, _ = generate(model, tok, prompts, GREEDY, 30)
     assert [c.ids for c in batched] == alone
@@ -78,7 +84,9 @@ def test_1200_tokens_past_a_256_token_window(loaded):
     model, tok = loaded
     assert model.config.max_seq_len == 256
     # a random model may pick EOS; here nothing may end the text
-    (out,), stats = generate(model, tok, [ids(tok, "KING:")], SamplingConfig(temperature=1.0), 1200, seed=0, eos_ids=())
+    (out,), stats = generate(
+        model, tok, [ids(tok, "KING:")], SamplingConfig(temperature=1.0), 1200, seed=0, eos_ids=()
+    )
     assert len(out.ids) == 1200 and out.finish == "length"
     assert stats.slides == 8  # 1203 tokens through a 256 window that keeps 128 at each slide
 
@@ -89,7 +97,15 @@ def test_stop_strings_end_the_text_before_them(loaded):
     assert len(free.text) > 8
     stop = free.text[5:8]
     streamed = []
-    (stopped,), _ = generate(model, tok, [ids(tok, "A")], GREEDY, 60, stops=(stop,), on_text=lambda r, t: streamed.append(t))
+    (stopped,), _ = generate(
+        model,
+        tok,
+        [ids(tok, "A")],
+        GREEDY,
+        60,
+        stops=(stop,),
+        on_text=lambda r, t: streamed.append(t),
+    )
     assert stopped.finish == "stop"
     assert stopped.text == free.text[: free.text.find(stop)]
     assert "".join(streamed) == stopped.text  # nothing of the stop string was printed
@@ -104,7 +120,11 @@ def test_stream_decoder_holds_back_partial_characters_and_stops(loaded):
     dec = StreamDecoder(tok, stops=("END",))
     pieces = [dec.push(t) for t in tok.encode("abc EN")]
     assert "".join(pieces) == "abc "  # "EN" might begin the stop string
-    assert "".join(dec.push(t) for t in tok.encode("D more")) == "" and dec.stopped and dec.text == "abc "
+    assert (
+        "".join(dec.push(t) for t in tok.encode("D more")) == ""
+        and dec.stopped
+        and dec.text == "abc "
+    )
 
 
 def test_stream_pieces_add_up_to_the_decoded_text(loaded):
@@ -132,7 +152,9 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decode_step_matches_the_model_on_a_padded_batch(variant, prepared):
     torch.manual_seed(0)
-    model = Transformer(get_preset("nano", vocab_size=300, max_seq_len=32, **VARIANTS[variant])).eval()
+    model = Transformer(
+        get_preset("nano", vocab_size=300, max_seq_len=32, **VARIANTS[variant])
+    ).eval()
     if prepared:
         prepare_for_inference(model)
     step = decode_step_for(model)
@@ -149,7 +171,9 @@ def test_decode_step_matches_the_model_on_a_padded_batch(variant, prepared):
         for n, tok in enumerate(tokens):
             slot = 10 + n
             got = step(tok, ours, slot, slot - pads, key_mask)
-            want = model(tok[:, None], cache=ref, start=slot, pos=(slot - pads)[:, None], key_mask=key_mask)[:, -1]
+            want = model(
+                tok[:, None], cache=ref, start=slot, pos=(slot - pads)[:, None], key_mask=key_mask
+            )[:, -1]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.k[:, :, :, :12], ref.k[:, :, :, :12], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.v[:, :, :, :12], ref.v[:, :, :, :12], atol=1e-5, rtol=1e-5)
@@ -167,8 +191,14 @@ def test_prepared_model_shares_its_weights_and_computes_the_same():
     step = decode_step_for(model)
     assert step is decode_step_for(model)  # built once, reused by every call
     fused = step.layers[0].qkv.storage
-    assert fused.data_ptr() < model.layers[0].attn.wk.weight.data_ptr() < fused.data_ptr() + fused.nbytes
-    assert model.tok_emb.weight.data_ptr() == step.head.storage.data_ptr()  # tied: one copy of the embedding
+    assert (
+        fused.data_ptr()
+        < model.layers[0].attn.wk.weight.data_ptr()
+        < fused.data_ptr() + fused.nbytes
+    )
+    assert (
+        model.tok_emb.weight.data_ptr() == step.head.storage.data_ptr()
+    )  # tied: one copy of the embedding
 
 
 def test_models_the_fused_step_does_not_cover_fall_back_to_the_plain_forward(loaded):
@@ -190,7 +220,11 @@ def test_models_the_fused_step_does_not_cover_fall_back_to_the_plain_forward(loa
 def test_rows_that_end_early_leave_the_other_rows_unchanged(tok_path, tmp_path):
     run = make_run(tmp_path / "r", tok_path, seed=4, max_seq_len=40)  # short window: rows slide too
     model, tok = load_model(run), load_tokenizer(run / "tokenizer.model")
-    prompts = [ids(tok, "Hi"), ids(tok, "What light through yonder window breaks"), ids(tok, "Good")]
+    prompts = [
+        ids(tok, "Hi"),
+        ids(tok, "What light through yonder window breaks"),
+        ids(tok, "Good"),
+    ]
     (free,), _ = generate(model, tok, prompts[:1], GREEDY, 60, eos_ids=())
     eos = (free.ids[7],)  # row 0 will end at its 8th token (or before)
     alone = [generate(model, tok, [p], GREEDY, 60, eos_ids=eos)[0][0] for p in prompts]
@@ -205,7 +239,9 @@ def test_rows_that_end_early_leave_the_other_rows_unchanged(tok_path, tmp_path):
 def test_ids_the_tokenizer_lacks_are_never_sampled(tok_path):
     tok = load_tokenizer(tok_path)
     torch.manual_seed(0)
-    model = Transformer(get_preset("nano", vocab_size=tok.vocab_size + 64, tie_embeddings=False)).eval()
+    model = Transformer(
+        get_preset("nano", vocab_size=tok.vocab_size + 64, tie_embeddings=False)
+    ).eval()
     with torch.no_grad():
         model.head.weight[: tok.vocab_size] = 0.0  # every id the tokenizer knows scores 0 ...
         model.head.weight[tok.vocab_size :] *= 1e4  # ... and the padding ids score far from it
@@ -230,9 +266,33 @@ def test_a_chat_cache_is_reused_and_holds_the_context(loaded):
 
 
 def test_generate_prints_only_the_text_and_no_cache_matches(run, cli):
-    a = cli("generate", "-m", run, "-p", "First", "-n", "25", "--temperature", "0", "--precision", "fp32")
-    b = cli("generate", "-m", run, "-p", "First", "-n", "25", "--temperature", "0", "--precision", "fp32",
-            "--no-cache")
+    a = cli(
+        "generate",
+        "-m",
+        run,
+        "-p",
+        "First",
+        "-n",
+        "25",
+        "--temperature",
+        "0",
+        "--precision",
+        "fp32",
+    )
+    b = cli(
+        "generate",
+        "-m",
+        run,
+        "-p",
+        "First",
+        "-n",
+        "25",
+        "--temperature",
+        "0",
+        "--precision",
+        "fp32",
+        "--no-cache",
+    )
     assert a.exit_code == 0 and b.exit_code == 0
     assert a.stdout == b.stdout and a.stdout.strip()
     assert "tokens/s" in a.stderr and "tokens/s" not in a.stdout
@@ -241,7 +301,11 @@ def test_generate_prints_only_the_text_and_no_cache_matches(run, cli):
 def test_generate_json_and_stdin(run, cli):
     res = cli("generate", "-m", run, "-n", "5", "--temperature", "0", "--json", stdin="Once upon")
     data = json.loads(res.stdout)
-    assert data["prompt"] == "Once upon" and data["new_tokens"] == 5 and data["rows"][0]["new_tokens"] == 5
+    assert (
+        data["prompt"] == "Once upon"
+        and data["new_tokens"] == 5
+        and data["rows"][0]["new_tokens"] == 5
+    )
     assert {"text", "prompt_tokens", "time_to_first_token_s", "decode_tokens_per_s"} <= data.keys()
 
 
@@ -251,7 +315,9 @@ def test_generate_same_seed_same_sample(run, cli):
 
 
 def test_generate_several_prompts_as_a_batch(run, cli):
-    res = cli("generate", "-m", run, "-p", "One", "-p", "Two", "-n", "5", "--temperature", "0", "--json")
+    res = cli(
+        "generate", "-m", run, "-p", "One", "-p", "Two", "-n", "5", "--temperature", "0", "--json"
+    )
     data = json.loads(res.stdout)
     assert [r["prompt"] for r in data["rows"]] == ["One", "Two"] and data["new_tokens"] == 10
 
@@ -263,7 +329,11 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(run, cli):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"), (["--top-k", "-3"], "--top-k")],
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-k", "-3"], "--top-k"),
+    ],
 )
 def test_bad_sampling_values(run, cli, args, message):
     res = cli("generate", "-m", run, "-p", "x", *args)
@@ -280,6 +350,8 @@ def test_missing_or_incomplete_run_dir(cli, tmp_path, run):
 
 
 def test_tokenizer_larger_than_the_model_vocab_is_refused(tok_path, tmp_path, cli):
-    run = make_run(tmp_path / "r", tok_path, vocab_size=300)  # the model embeds fewer ids than the tokenizer has
+    run = make_run(
+        tmp_path / "r", tok_path, vocab_size=300
+    )  # the model embeds fewer ids than the tokenizer has
     res = cli("generate", "-m", run, "-p", "x")
     assert res.exit_code == 1 and "does not belong to this model" in res.stderr

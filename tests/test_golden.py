@@ -5,9 +5,8 @@ change is meant to alter them."""
 
 from __future__ import annotations
 
-import pytest
-
 import golden
+import pytest
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +33,20 @@ def test_analytic_profiles_are_unchanged(want, trained):
 
 def test_checkpoint_layout_is_unchanged(want, trained):
     got = trained[1]
-    assert got["layout"] == want["train"]["layout"] and got["config_keys"] == want["train"]["config_keys"]
-    assert {k: sorted(v) for k, v in got["tensors"].items()} == {k: sorted(v) for k, v in want["train"]["tensors"].items()}
+    assert (
+        got["layout"] == want["train"]["layout"]
+        and got["config_keys"] == want["train"]["config_keys"]
+    )
+    assert {k: sorted(v) for k, v in got["tensors"].items()} == {
+        k: sorted(v) for k, v in want["train"]["tensors"].items()
+    }
 
 
 def _same_machine(want) -> None:
     if golden.machine() != want["machine"]:
-        pytest.skip(f"golden numbers were captured with {want['machine']}; this machine has {golden.machine()}")
+        pytest.skip(
+            f"golden numbers were captured with {want['machine']}; this machine has {golden.machine()}"
+        )
 
 
 def test_seeded_fp32_weights_are_unchanged(want, trained):

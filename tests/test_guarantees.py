@@ -16,10 +16,21 @@ from conftest import ROOT, run_cli
 from fixtures import write_corpus, write_instructions
 from helpers_run import make_run
 
-from tformer_cli.runlock import RunLock
+from tformer_cli.runs.lock import RunLock
 
-NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--quiet",
-        "--sample-every", "0"]
+NANO = [
+    "--preset",
+    "nano",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-batches",
+    "1",
+    "--quiet",
+    "--sample-every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +42,14 @@ def world(tmp_path_factory):
     latin1 = base / "latin1.txt"
     latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
     data = write_instructions(base / "ins.jsonl", 40)
-    return {"base": base, "corpus": corpus, "run": run, "latin1": latin1, "data": data,
-            "tok": run / "tokenizer.model"}
+    return {
+        "base": base,
+        "corpus": corpus,
+        "run": run,
+        "latin1": latin1,
+        "data": data,
+        "tok": run / "tokenizer.model",
+    }
 
 
 def snapshot(*paths: Path) -> dict[str, str]:
@@ -65,9 +82,29 @@ def _toml(tmp: Path, text: str | bytes) -> Path:
 BAD_INPUTS = [
     ("train", "{tmp}/typo.txt", "-o", "{run}", "--overwrite", 1, "typo.txt"),
     ("train", "{latin1}", "-o", "{run}", "--overwrite", 1, "latin1.txt", "not UTF-8"),
-    ("train", "{corpus}", "--tokenizer", "{run}/tokenizer.model", "-o", "{run}", "--overwrite", 1,
-     "tokenizer.model", "input"),
-    ("train", "{corpus}", "--tokenizer", "{tmp}/nope.model", "-o", "{run}", "--overwrite", 1, "nope.model"),
+    (
+        "train",
+        "{corpus}",
+        "--tokenizer",
+        "{run}/tokenizer.model",
+        "-o",
+        "{run}",
+        "--overwrite",
+        1,
+        "tokenizer.model",
+        "input",
+    ),
+    (
+        "train",
+        "{corpus}",
+        "--tokenizer",
+        "{tmp}/nope.model",
+        "-o",
+        "{run}",
+        "--overwrite",
+        1,
+        "nope.model",
+    ),
     ("train", "{corpus}", "-o", "{run}", 1, "already holds a run", "--overwrite"),
     ("train", "{corpus}", "-o", "{new}", "--resume", 1, "nothing to resume"),
     ("train", "{corpus}", "-o", "{new}", "--grad-clip", "-1", 1, "--grad-clip"),
@@ -76,14 +113,41 @@ BAD_INPUTS = [
     ("train", "{corpus}", "-o", "{new}", "--seed", "-1", 1, "--seed"),
     ("train", "{corpus}", "-o", "{new}", "--seed", str(2**70), 1, "--seed"),
     ("train", "{corpus}", "-o", "{new}", "--dropout", "1.5", 1, "--dropout"),
-    ("train", "{corpus}", "-o", "{new}", "--batch-size", "100000000", 1, "--batch-size 100000000",
-     "GiB"),
-    ("train", "{corpus}", "-o", "{new}", "--config", "{toml:[train]\nbatch_size = \"four\"\n}", 1,
-     "batch_size", "integer"),
+    (
+        "train",
+        "{corpus}",
+        "-o",
+        "{new}",
+        "--batch-size",
+        "100000000",
+        1,
+        "--batch-size 100000000",
+        "GiB",
+    ),
+    (
+        "train",
+        "{corpus}",
+        "-o",
+        "{new}",
+        "--config",
+        '{toml:[train]\nbatch_size = "four"\n}',
+        1,
+        "batch_size",
+        "integer",
+    ),
     ("train", "{corpus}", "-o", "{new}", "--config", "{toml:train = 5\n}", 1, "train", "table"),
     ("train", "{corpus}", "-o", "{new}", "--config", "{toml:[train]\ntime = true\n}", 1, "time"),
-    ("train", "{corpus}", "-o", "{new}", "--config", "{toml:[train]\noutput = \"runs/x\"\n}", 1, "-o"),
-    ("train", "{corpus}", "-o", "{new}", "--config", "{toml:[model]\ndim = \"wide\"\n}", 1, "dim"),
+    (
+        "train",
+        "{corpus}",
+        "-o",
+        "{new}",
+        "--config",
+        '{toml:[train]\noutput = "runs/x"\n}',
+        1,
+        "-o",
+    ),
+    ("train", "{corpus}", "-o", "{new}", "--config", '{toml:[model]\ndim = "wide"\n}', 1, "dim"),
     ("train", "{corpus}", "-o", "{new}", "--config", "{toml:BYTES}", 1, "not UTF-8"),
     ("finetune", "{base}", "{data}", "-o", "{base}", "--overwrite", 1, "input"),
     ("finetune", "{base}", "{data}", "-o", "{base}", "--overwrite", "--full", 1, "input"),
@@ -104,7 +168,11 @@ def _fill(arg: str, world: dict, tmp: Path) -> str:
         return str(_toml(tmp, b"[train]\nlr = 1e-3 # caf\xe9\n" if body == "BYTES" else body))
     for key in ("corpus", "run", "tok", "data", "latin1"):
         arg = arg.replace("{" + key + "}", str(world[key]))
-    return arg.replace("{base}", str(world["run"])).replace("{new}", str(tmp / "new")).replace("{tmp}", str(tmp))
+    return (
+        arg.replace("{base}", str(world["run"]))
+        .replace("{new}", str(tmp / "new"))
+        .replace("{tmp}", str(tmp))
+    )
 
 
 @pytest.mark.parametrize("row", BAD_INPUTS, ids=lambda row: " ".join(str(a) for a in row[:8])[:60])
@@ -140,27 +208,49 @@ def test_two_trainings_on_one_corpus_at_once_both_succeed(world, tmp_path):
     env = {**os.environ, "TFORMER_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     args = [str(world["corpus"]), "--tokenizer", str(world["tok"]), *NANO, "--max-steps", "2"]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tformer_cli", "train", *args, "-o", str(tmp_path / name)],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "tformer_cli", "train", *args, "-o", str(tmp_path / name)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in ("a", "b")
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert (tmp_path / "a" / "model.safetensors").is_file() and (tmp_path / "b" / "model.safetensors").is_file()
+    assert (tmp_path / "a" / "model.safetensors").is_file() and (
+        tmp_path / "b" / "model.safetensors"
+    ).is_file()
 
 
 # -- failed starts and damaged state --------------------------------------------------------------
 
 
 def test_a_start_that_fails_before_its_first_checkpoint_is_taken_over(world, tmp_path, monkeypatch):
-    import tformer_cli.trainer as trainer
+    import tformer_cli.training.pretrain as trainer
 
     real = trainer.lm_loss
     monkeypatch.setattr(trainer, "lm_loss", lambda m, x, y: real(m, x, y) * float("nan"))
     out = tmp_path / "run"
-    args = ["train", world["corpus"], "-o", out, "--tokenizer", world["tok"], *NANO, "--max-steps", "3"]
+    args = [
+        "train",
+        world["corpus"],
+        "-o",
+        out,
+        "--tokenizer",
+        world["tok"],
+        *NANO,
+        "--max-steps",
+        "3",
+    ]
     res = run_cli(*args)
-    assert res.exit_code == 1 and "loss became nan at step 1" in res.stderr and "nothing was saved" in res.stderr
+    assert (
+        res.exit_code == 1
+        and "loss became nan at step 1" in res.stderr
+        and "nothing was saved" in res.stderr
+    )
     one_line_error(run_cli(*args, "--resume"), 1, "nothing to resume", "without --resume")
     monkeypatch.setattr(trainer, "lm_loss", real)
     res = run_cli(*args)  # the same command again: no --overwrite needed
@@ -170,8 +260,21 @@ def test_a_start_that_fails_before_its_first_checkpoint_is_taken_over(world, tmp
 
 def test_a_torn_metrics_line_is_dropped_on_resume(world, tmp_path):
     out = tmp_path / "run"
-    args = ["train", world["corpus"], "-o", out, "--tokenizer", world["tok"], *NANO, "--save-every", "4",
-            "--eval-every", "4", "--log-every", "2"]
+    args = [
+        "train",
+        world["corpus"],
+        "-o",
+        out,
+        "--tokenizer",
+        world["tok"],
+        *NANO,
+        "--save-every",
+        "4",
+        "--eval-every",
+        "4",
+        "--log-every",
+        "2",
+    ]
     assert run_cli(*args, "--max-steps", "4").exit_code == 0
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 6, "loss": 3.1')  # what a crash mid-write leaves
@@ -184,7 +287,16 @@ def test_a_torn_metrics_line_is_dropped_on_resume(world, tmp_path):
 
 def test_a_damaged_token_cache_is_rebuilt_with_a_notice(world, tmp_path):
     cache = tmp_path / "cache"
-    args = [world["corpus"], "--tokenizer", world["tok"], *NANO, "--max-steps", "1", "--cache-dir", cache]
+    args = [
+        world["corpus"],
+        "--tokenizer",
+        world["tok"],
+        *NANO,
+        "--max-steps",
+        "1",
+        "--cache-dir",
+        cache,
+    ]
     assert run_cli("train", *args, "-o", tmp_path / "a").exit_code == 0
     (train_bin,) = cache.glob("tokens/*/train.bin")
     train_bin.write_bytes(train_bin.read_bytes()[:-6])
@@ -194,11 +306,30 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_notice(world, tmp_path):
 
 
 def test_grad_clip_zero_means_off_and_still_trains(world, tmp_path):
-    res = run_cli("train", world["corpus"], "-o", tmp_path / "run", "--tokenizer", world["tok"], *NANO,
-                  "--max-steps", "12", "--grad-clip", "0", "--log-every", "4", "--lr", "3e-3", "--json")
+    res = run_cli(
+        "train",
+        world["corpus"],
+        "-o",
+        tmp_path / "run",
+        "--tokenizer",
+        world["tok"],
+        *NANO,
+        "--max-steps",
+        "12",
+        "--grad-clip",
+        "0",
+        "--log-every",
+        "4",
+        "--lr",
+        "3e-3",
+        "--json",
+    )
     assert res.exit_code == 0, res.stderr
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert losses[-1] < losses[0]
 
 
@@ -232,7 +363,7 @@ def test_ctrl_c_while_modules_load(monkeypatch, capsys):
 
 @pytest.mark.parametrize("phase", ["train_tokenizer", "pretokenize_cached"])
 def test_ctrl_c_before_training_leaves_no_run_behind(phase, world, tmp_path, monkeypatch):
-    import tformer_cli.trainer as trainer
+    import tformer_cli.training.pretrain as trainer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(trainer, phase, _raise)
@@ -241,7 +372,7 @@ def test_ctrl_c_before_training_leaves_no_run_behind(phase, world, tmp_path, mon
 
 
 def test_ctrl_c_during_training_saves_and_resumes(world, tmp_path, monkeypatch):
-    import tformer_cli.trainer as trainer
+    import tformer_cli.training.pretrain as trainer
 
     real, calls = trainer.lm_loss, {"n": 0}
 
@@ -254,7 +385,17 @@ def test_ctrl_c_during_training_saves_and_resumes(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "lm_loss", press_ctrl_c_at_step_3)
     out = tmp_path / "run"
-    args = ["train", world["corpus"], "-o", out, "--tokenizer", world["tok"], *NANO, "--max-steps", "10"]
+    args = [
+        "train",
+        world["corpus"],
+        "-o",
+        out,
+        "--tokenizer",
+        world["tok"],
+        *NANO,
+        "--max-steps",
+        "10",
+    ]
     res = run_cli(*args)
     assert res.exit_code == 130 and "Traceback" not in res.stderr and "--resume" in res.stderr
     assert json.loads((out / "config.json").read_text())["step"] == 3
@@ -263,7 +404,7 @@ def test_ctrl_c_during_training_saves_and_resumes(world, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_while_saving_keeps_the_last_checkpoint(world, tmp_path, monkeypatch):
-    import tformer_cli.trainer as trainer
+    import tformer_cli.training.pretrain as trainer
 
     real, calls = trainer.save_train_state, {"n": 0}
 
@@ -275,8 +416,21 @@ def test_ctrl_c_while_saving_keeps_the_last_checkpoint(world, tmp_path, monkeypa
 
     monkeypatch.setattr(trainer, "save_train_state", second_save_interrupted)
     out = tmp_path / "run"
-    args = ["train", world["corpus"], "-o", out, "--tokenizer", world["tok"], *NANO, "--max-steps", "8",
-            "--save-every", "4", "--eval-every", "100"]
+    args = [
+        "train",
+        world["corpus"],
+        "-o",
+        out,
+        "--tokenizer",
+        world["tok"],
+        *NANO,
+        "--max-steps",
+        "8",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "100",
+    ]
     interrupted(run_cli(*args))
     assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
     monkeypatch.setattr(trainer, "save_train_state", real)
@@ -286,7 +440,7 @@ def test_ctrl_c_while_saving_keeps_the_last_checkpoint(world, tmp_path, monkeypa
 
 def test_ctrl_c_during_generation_and_chat(world, monkeypatch):
     import tformer_cli.commands.generate as generate_command
-    from tformer_cli.chat_session import ChatSession
+    from tformer_cli.inference.chat import ChatSession
 
     monkeypatch.setattr(generate_command, "run_generation", _raise)
     res = run_cli("generate", "-m", world["run"], "-p", "Hello")
@@ -300,15 +454,19 @@ def test_ctrl_c_during_generation_and_chat(world, monkeypatch):
 
 
 def test_load_refuses_what_is_not_a_bounded_transcript(world, tmp_path):
-    from tformer_cli.chat_session import TRANSCRIPT_LIMIT, read_transcript
     from tformer_cli.errors import TformerError
+    from tformer_cli.inference.chat import TRANSCRIPT_LIMIT, read_transcript
 
     big = tmp_path / "big.json"
     with open(big, "wb") as f:
         f.truncate(TRANSCRIPT_LIMIT + 1)
     bad_system = tmp_path / "sys.json"
     bad_system.write_text(json.dumps({"system": 123, "messages": []}))
-    for path, message in ((Path("/dev/zero"), "not a regular file"), (big, "limit"), (bad_system, '"system"')):
+    for path, message in (
+        (Path("/dev/zero"), "not a regular file"),
+        (big, "limit"),
+        (bad_system, '"system"'),
+    ):
         with pytest.raises(TformerError, match=message):
             read_transcript(path)
 
@@ -316,16 +474,18 @@ def test_load_refuses_what_is_not_a_bounded_transcript(world, tmp_path):
 def test_fitting_a_loaded_transcript_costs_linear_time(world, tmp_path):
     """Characters encoded while /load-ing and answering: 4x the messages, about 4x the work."""
     from models import load_model
-    from tformer_cli.chat_session import ChatSession
-    from tformer_cli.sampling import SamplingConfig
-    from tformer_cli.tokenizer import load_tokenizer
+    from tformer_cli.data.tokenizer import load_tokenizer
+    from tformer_cli.inference.chat import ChatSession
+    from tformer_cli.inference.sampling import SamplingConfig
 
     tok = load_tokenizer(world["tok"])
     model = load_model(world["run"])
 
     def encoded_chars(n: int) -> int:
-        messages = [{"role": ("user", "assistant")[i % 2], "content": f"message {i} of the long chat"}
-                    for i in range(n)]
+        messages = [
+            {"role": ("user", "assistant")[i % 2], "content": f"message {i} of the long chat"}
+            for i in range(n)
+        ]
         path = tmp_path / f"t{n}.json"
         path.write_text(json.dumps({"system": None, "messages": messages}))
         count = {"chars": 0}
@@ -337,7 +497,9 @@ def test_fitting_a_loaded_transcript_costs_linear_time(world, tmp_path):
 
         tok.encode_batch = counting
         try:
-            session = ChatSession(model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=2)
+            session = ChatSession(
+                model, tok, "chat", SamplingConfig(temperature=0), max_new_tokens=2
+            )
             session.load(path)
             session.reply("hi")
         finally:

@@ -23,9 +23,9 @@ from helpers_run import make_run, make_tokenizer, read_config, shared_tokenizer
 
 from models.lora import apply_lora, lora_state
 from models.weights import save_tensors, write_config
-from tformer_cli.rundir import load_run, load_run_model
-from tformer_cli.runlock import RunLock
-from tformer_cli.tokenizer import load_tokenizer
+from tformer_cli.data.tokenizer import load_tokenizer
+from tformer_cli.runs.lock import RunLock
+from tformer_cli.runs.rundir import load_run, load_run_model
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -34,7 +34,8 @@ def tree_hash(directory: Path) -> dict[str, str]:
     """sha256 of every file under directory, by relative path."""
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(Path(directory).rglob("*")) if p.is_file()
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
     }
 
 
@@ -118,8 +119,11 @@ def test_a_foreign_tokenizer_is_refused_by_every_command(run, foreign_tokenizer,
         ("finetune", run, data, "-o", tmp_path / "ft", "--max-steps", "1", "--quiet"),
     ):
         res = run_cli(*args, stdin="Hello\n")
-        one_line_error(res, f"{run / 'tokenizer.model'} does not belong to {run / 'config.json'}",
-                       "copy back the run's own tokenizer")
+        one_line_error(
+            res,
+            f"{run / 'tokenizer.model'} does not belong to {run / 'config.json'}",
+            "copy back the run's own tokenizer",
+        )
     assert tree_hash(run) == before
     assert not (tmp_path / "hf").exists() and not (tmp_path / "ft" / "config.json").exists()
     shutil.copyfile(shared_tokenizer(), run / "tokenizer.model")  # its own tokenizer back: fine
@@ -134,8 +138,9 @@ def test_best_is_checked_as_a_run_of_its_own(run, foreign_tokenizer):
     shutil.copyfile(foreign_tokenizer, best / "tokenizer.model")
     before = tree_hash(run)
     res = run_cli("generate", "-m", best, "-p", "Hi", "-n", "2")
-    one_line_error(res, str(best / "tokenizer.model"), "does not belong to",
-                   str(best / "config.json"))
+    one_line_error(
+        res, str(best / "tokenizer.model"), "does not belong to", str(best / "config.json")
+    )
     res = run_cli("generate", "-m", best / "model.safetensors", "-p", "Hi", "-n", "2")
     one_line_error(res, str(best / "tokenizer.model"), "does not belong to")
     assert tree_hash(run) == before
@@ -147,8 +152,9 @@ def test_a_smaller_tokenizer_is_refused_unless_the_model_is_padded_on_purpose(tm
     run = make_run(tmp_path / "r", vocab_size=600)  # 500-token tokenizer, 600 embedding rows
     before = tree_hash(run)
     res = run_cli("generate", "-m", run, "-p", "Hi", "-n", "2")
-    one_line_error(res, "tokenizer.model has 500 tokens but the model embeds 600",
-                   "does not belong")
+    one_line_error(
+        res, "tokenizer.model has 500 tokens but the model embeds 600", "does not belong"
+    )
     assert tree_hash(run) == before
     _edit_config(run, imported_from="/some/hf/model")  # Hugging Face vocabularies are padded
     assert run_cli("generate", "-m", run, "-p", "Hi", "-n", "2").exit_code == 0
@@ -165,8 +171,8 @@ def test_runs_without_a_recorded_sha_still_load(tmp_path):
 
 
 def test_import_records_the_sha256_of_the_tokenizer_it_copies(tmp_path):
-    from tformer_cli.export_hf import export_hf
-    from tformer_cli.import_hf import import_hf
+    from tformer_cli.interop.hf_export import export_hf
+    from tformer_cli.interop.hf_import import import_hf
 
     export_hf(make_run(tmp_path / "r"), tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "back")
@@ -186,8 +192,11 @@ def _lora_run(directory: Path, base: Path) -> Path:
     save_tensors(lora_state(model.state_dict()), directory / "adapter.safetensors")
     sha = load_tokenizer(base / "tokenizer.model").sha256
     lora = {"rank": 4, "alpha": 8.0, "targets": ["q", "v"]}
-    write_config(directory, model.config,
-                 {"chat": True, "base": str(base), "tokenizer_sha256": sha, "lora": lora})
+    write_config(
+        directory,
+        model.config,
+        {"chat": True, "base": str(base), "tokenizer_sha256": sha, "lora": lora},
+    )
     shutil.copyfile(base / "tokenizer.model", directory / "tokenizer.model")
     return directory
 
@@ -203,8 +212,10 @@ def test_a_lora_run_that_is_its_own_base_is_one_line(run, tmp_path):
     lora = _lora_run(tmp_path / "lora", run)
     _edit_config(lora, base=str(lora))
     before = tree_hash(lora)
-    for args in (("generate", "-m", lora, "-p", "Hi"),
-                 ("export", lora, "--format", "hf", "-o", tmp_path / "x")):
+    for args in (
+        ("generate", "-m", lora, "-p", "Hi"),
+        ("export", lora, "--format", "hf", "-o", tmp_path / "x"),
+    ):
         one_line_error(run_cli(*args), str(lora / "config.json"), "cycle of LoRA runs")
     assert tree_hash(lora) == before
 
@@ -223,11 +234,15 @@ def test_lora_bases_that_are_gone_or_not_runs(run, tmp_path):
     one_line_error(run_cli("generate", "-m", lora, "-p", "Hi"), str(tmp_path / "gone"), "is gone")
     (tmp_path / "empty").mkdir()
     _edit_config(lora, base=str(tmp_path / "empty"))
-    one_line_error(run_cli("generate", "-m", lora, "-p", "Hi"),
-                   f"{lora}: its base run is not usable", str(tmp_path / "empty"))
+    one_line_error(
+        run_cli("generate", "-m", lora, "-p", "Hi"),
+        f"{lora}: its base run is not usable",
+        str(tmp_path / "empty"),
+    )
     _edit_config(lora, base=123)
-    one_line_error(run_cli("generate", "-m", lora, "-p", "Hi"),
-                   '"base" must be the path of the base run')
+    one_line_error(
+        run_cli("generate", "-m", lora, "-p", "Hi"), '"base" must be the path of the base run'
+    )
     _edit_config(lora, base=str(run), lora={"rank": "four", "alpha": 8, "targets": ["q"]})
     one_line_error(run_cli("generate", "-m", lora, "-p", "Hi"), '"lora" must hold')
     _edit_config(lora, lora={"rank": 4, "alpha": 8, "targets": ["nope"]})
@@ -239,12 +254,20 @@ def test_lora_bases_that_are_gone_or_not_runs(run, tmp_path):
 
 def test_generate_refuses_absurd_counts_before_allocating(run):
     before = tree_hash(run)
-    one_line_error(run_cli("generate", "-m", run, "-p", "Hi", "--num-samples", "100000000"),
-                   "--num-samples", "100000000")
-    one_line_error(run_cli("generate", "-m", run, "-p", "a", "-p", "b", "--num-samples", "40000"),
-                   "--num-samples 40000 x 2 prompts")
-    one_line_error(run_cli("generate", "-m", run, "-p", "Hi", "-n", str(10**12)),
-                   "-n/--max-new-tokens", "1,000,000")
+    one_line_error(
+        run_cli("generate", "-m", run, "-p", "Hi", "--num-samples", "100000000"),
+        "--num-samples",
+        "100000000",
+    )
+    one_line_error(
+        run_cli("generate", "-m", run, "-p", "a", "-p", "b", "--num-samples", "40000"),
+        "--num-samples 40000 x 2 prompts",
+    )
+    one_line_error(
+        run_cli("generate", "-m", run, "-p", "Hi", "-n", str(10**12)),
+        "-n/--max-new-tokens",
+        "1,000,000",
+    )
     one_line_error(run_cli("generate", "-m", run, "-p", "Hi", "-n", "0"), "-n/--max-new-tokens")
     assert tree_hash(run) == before
 
@@ -253,18 +276,26 @@ def test_generate_asks_the_memory_model_before_building_the_batch(run, monkeypat
     import tformer_cli.profiling.memory as memory
 
     monkeypatch.setattr(memory, "available_memory", lambda device: 4 << 20)  # 4 MiB free
-    one_line_error(run_cli("generate", "-m", run, "-p", "Hi", "--num-samples", "3000"),
-                   "--num-samples 3000: generating 3000 x", "GiB free")
+    one_line_error(
+        run_cli("generate", "-m", run, "-p", "Hi", "--num-samples", "3000"),
+        "--num-samples 3000: generating 3000 x",
+        "GiB free",
+    )
 
 
 def test_generate_prompts_that_are_not_utf8(run):
     before = tree_hash(run)
-    one_line_error(run_cli("generate", "-m", run, "-p", "ok\udcffno"),
-                   "--prompt is not valid UTF-8 text", "byte 0xff at character 3")
-    one_line_error(run_cli("generate", "-m", run, "-p", "Hi", "--stop", "\udcfe"),
-                   "--stop is not valid UTF-8")
-    one_line_error(run_bytes("generate", "-m", run, stdin=b"caf\xc3(\n"), "stdin: not UTF-8 text",
-                   "offset 3")
+    one_line_error(
+        run_cli("generate", "-m", run, "-p", "ok\udcffno"),
+        "--prompt is not valid UTF-8 text",
+        "byte 0xff at character 3",
+    )
+    one_line_error(
+        run_cli("generate", "-m", run, "-p", "Hi", "--stop", "\udcfe"), "--stop is not valid UTF-8"
+    )
+    one_line_error(
+        run_bytes("generate", "-m", run, stdin=b"caf\xc3(\n"), "stdin: not UTF-8 text", "offset 3"
+    )
     assert tree_hash(run) == before
 
 
@@ -311,7 +342,8 @@ def test_a_piped_line_that_is_not_utf8_is_skipped_and_the_rest_answered(run):
     assert res.exit_code == 1, res.stderr  # the answers are there, but a line was lost: say so
     assert len(res.stdout.splitlines()) == 2 and res.stdout.endswith("\n")
     assert _errors(res.stderr) == [
-        "error: stdin line 2: not UTF-8 text (byte 0xff at character 5); skipped it"]
+        "error: stdin line 2: not UTF-8 text (byte 0xff at character 5); skipped it"
+    ]
     assert "Traceback" not in res.stderr
     assert tree_hash(run) == before
 
@@ -342,7 +374,10 @@ def test_a_bad_transcript_at_the_terminal_is_reported_and_the_next_turn_works(ru
     res = run_bytes("chat", "-m", run, "-n", "3", stdin=script, tty=True)
     assert res.exit_code == 0, res.stderr
     assert f'{bad}: not a tformer chat transcript: "system" must be a string or null' in res.stderr
-    assert f"{escaped}: not a tformer chat transcript: message 1 holds an escaped lone surrogate" in res.stderr
+    assert (
+        f"{escaped}: not a tformer chat transcript: message 1 holds an escaped lone surrogate"
+        in res.stderr
+    )
     assert "4 messages" in res.stderr  # both turns kept: the bad loads changed nothing
     assert "Traceback" not in res.stderr and "--debug" not in res.stderr
     assert tree_hash(run) == before
@@ -353,7 +388,8 @@ def test_a_bad_transcript_in_a_pipe_is_one_line(run, tmp_path):
     bad.write_text(json.dumps({"system": 123, "messages": []}))
     res = run_cli("chat", "-m", run, "-n", "3", stdin=f"/load {bad}\nHello\n")
     assert res.exit_code == 1 and _errors(res.stderr) == [
-        f'error: {bad}: not a tformer chat transcript: "system" must be a string or null, got int']
+        f'error: {bad}: not a tformer chat transcript: "system" must be a string or null, got int'
+    ]
     assert "Traceback" not in res.stderr
 
 
@@ -368,7 +404,7 @@ def test_system_prompt_that_is_not_utf8(run):
 
 
 def _interrupt_first_reply(monkeypatch):
-    import tformer_cli.chat_session as chat_session
+    import tformer_cli.inference.chat as chat_session
 
     real = chat_session.generate
     calls = []
@@ -403,13 +439,15 @@ def test_export_never_writes_into_the_run_it_exports(run, tmp_path):
     before = tree_hash(run)
     for out in (run / "hf", run, run / "best" / "x"):
         res = run_cli("export", run, "--format", "hf", "-o", out, "--overwrite")
-        one_line_error(res, f"-o {out} lies inside the run being exported",
-                       "choose a path outside it")
+        one_line_error(
+            res, f"-o {out} lies inside the run being exported", "choose a path outside it"
+        )
     res = run_cli("export", run, "--format", "hf", "-o", tmp_path, "--overwrite")
     one_line_error(res, f"-o {tmp_path} contains the run being exported")
     (tmp_path / "link").symlink_to(run)  # another spelling of the same run
-    res = run_cli("export", run / "model.safetensors", "--format", "hf",
-                  "-o", tmp_path / "link" / "hf")
+    res = run_cli(
+        "export", run / "model.safetensors", "--format", "hf", "-o", tmp_path / "link" / "hf"
+    )
     one_line_error(res, "lies inside the run being exported")
     assert tree_hash(run) == before and not (run / "hf").exists()
 

@@ -18,7 +18,9 @@ VARIANTS = {
 
 
 def tiny(**kw) -> Transformer:
-    cfg = ModelConfig(**{**dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=64), **kw})
+    cfg = ModelConfig(
+        **{**dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=64), **kw}
+    )
     return Transformer(cfg).eval()
 
 
@@ -58,7 +60,9 @@ def test_causality_later_tokens_never_change_earlier_logits(variant):
     changed[0, 12:] = (changed[0, 12:] + 1) % 97
     with torch.no_grad():
         a, b = model(idx), model(changed)
-    assert torch.equal(a[:, :12], b[:, :12]) or torch.allclose(a[:, :12], b[:, :12], atol=1e-6, rtol=0)
+    assert torch.equal(a[:, :12], b[:, :12]) or torch.allclose(
+        a[:, :12], b[:, :12], atol=1e-6, rtol=0
+    )
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
@@ -71,7 +75,9 @@ def test_sdpa_equals_math_attention(variant):
         model.set_attention("math")
         math = model(idx)
         cache = model.new_cache(batch_size=2)
-        math_cached = torch.cat([model(idx[:, :20], cache=cache), model(idx[:, 20:], cache=cache, start=20)], 1)
+        math_cached = torch.cat(
+            [model(idx[:, :20], cache=cache), model(idx[:, 20:], cache=cache, start=20)], 1
+        )
     assert torch.allclose(sdpa, math, atol=1e-5, rtol=0)
     assert torch.allclose(math_cached, math, atol=1e-5, rtol=0)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fixtures import write_corpus
 
-from tformer_cli.pretokenize import pretokenize, pretokenize_cached
-from tformer_cli.tokenizer import load_tokenizer, train_tokenizer
+from tformer_cli.data.pretokenize import pretokenize, pretokenize_cached
+from tformer_cli.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,9 @@ def test_token_files_reproduce_the_corpus(tok, tmp_path):
     assert tail.startswith("line ") and abs(len(tail) - 0.1 * len(text)) < 40  # cut at a line break
     assert (data.train_bytes, data.val_bytes) == (len(head.encode()), len(tail.encode()))
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["train_tokens"] == len(train) == (tmp_path / "out" / "train.bin").stat().st_size // 2
+    assert (
+        meta["train_tokens"] == len(train) == (tmp_path / "out" / "train.bin").stat().st_size // 2
+    )
     assert meta["val_tokens"] == len(val) and meta["tokenizer_sha256"] == tok.sha256
 
 
@@ -60,13 +62,15 @@ def test_jsonl_records_are_documents_and_go_whole_to_one_split(tok, tmp_path):
 
 
 def test_multi_file_corpus_streams_in_small_chunks(tok, tmp_path, monkeypatch):
-    import tformer_cli.corpus as corpus
+    import tformer_cli.data.corpus as corpus
 
     monkeypatch.setattr(corpus, "CHUNK_BYTES", 64)  # force many chunks
     texts = ["first file\n" * 40, "second file\n" * 60]
     for i, t in enumerate(texts):
         (tmp_path / f"{i}.txt").write_text(t)
-    data = pretokenize([tmp_path / "0.txt", tmp_path / "1.txt"], tok, tmp_path / "out", val_fraction=0.25)
+    data = pretokenize(
+        [tmp_path / "0.txt", tmp_path / "1.txt"], tok, tmp_path / "out", val_fraction=0.25
+    )
     train, val = _split_text(tok, data.load("train")), _split_text(tok, data.load("val"))
     assert [a + b for a, b in zip(train, val, strict=True)] == texts
 
@@ -126,11 +130,15 @@ def test_two_processes_tokenising_one_corpus_at_once_both_succeed(tok, tmp_path)
     for t in threads:
         t.join()
     assert not errors and len(results) == 2 and results[0] == results[1]
-    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == [
+        "meta.json",
+        "train.bin",
+        "val.bin",
+    ]
 
 
 def test_uint32_for_large_vocabularies():
-    from tformer_cli.pretokenize import token_dtype
+    from tformer_cli.data.pretokenize import token_dtype
 
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 

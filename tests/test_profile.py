@@ -20,13 +20,23 @@ from tformer_cli.profiling.memory import PeakMemory
 from tformer_cli.profiling.source import checkpoint_param_count
 
 # 2 layers, 4 query heads of 4 dims sharing 2 key/value heads, SwiGLU 40 wide, tied embeddings
-HAND = ModelConfig(vocab_size=100, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=40, max_seq_len=32)
+HAND = ModelConfig(
+    vocab_size=100, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=40, max_seq_len=32
+)
 SMALL = dict(vocab_size=256, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=64)
 
 HEADLINE_KEYS = {
-    "params": int, "precision": str, "device": str, "flops_per_token": int, "kv_cache_bytes": int,
-    "train_tokens_per_s": float, "mfu": float, "prefill_tokens_per_s": float, "decode_tokens_per_s": float,
-    "decode_tokens_per_s_no_cache": float, "peak_memory_bytes": int,
+    "params": int,
+    "precision": str,
+    "device": str,
+    "flops_per_token": int,
+    "kv_cache_bytes": int,
+    "train_tokens_per_s": float,
+    "mfu": float,
+    "prefill_tokens_per_s": float,
+    "decode_tokens_per_s": float,
+    "decode_tokens_per_s_no_cache": float,
+    "peak_memory_bytes": int,
 }
 
 
@@ -59,12 +69,18 @@ def test_flops_by_hand_and_the_attention_crossover():
     # attention (3072 + 128 T) passes the MLP (7680) past T = 36; the scores alone past T = 60
     cross = analytic.attention_crossover(HAND)
     assert cross == {"attention": 37, "scores": 61}
-    assert analytic.flop_split(HAND, 37).attention > split.mlp >= analytic.flop_split(HAND, 36).attention
+    assert (
+        analytic.flop_split(HAND, 37).attention
+        > split.mlp
+        >= analytic.flop_split(HAND, 36).attention
+    )
 
 
 def test_kv_cache_bytes_and_the_gqa_saving():
     assert analytic.kv_cache_bytes(HAND, 32, 3, 4) == 2 * 2 * 2 * 4 * 32 * 3 * 4
-    assert analytic.kv_cache_bytes(HAND, 32, 3, 2, kv_heads=4) == 2 * analytic.kv_cache_bytes(HAND, 32, 3, 2)
+    assert analytic.kv_cache_bytes(HAND, 32, 3, 2, kv_heads=4) == 2 * analytic.kv_cache_bytes(
+        HAND, 32, 3, 2
+    )
     mem = analytic.inference_memory(HAND, 32, 3, "bf16")
     assert mem["kv_cache"] == 2 * 2 * 2 * 4 * 32 * 3 * 2 and mem["weights"] == 7056 * 2
 
@@ -74,19 +90,31 @@ def test_training_memory_parts():
     assert mem["weights"] == mem["grads"] == 4 * 7056 and mem["optimizer"] == 8 * 7056
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
     # the math path keeps a T x T probability matrix per head per layer: it grows faster than sdpa
-    extra = [analytic.activation_bytes(HAND, t, 1, "fp32", "math") - analytic.activation_bytes(HAND, t, 1, "fp32")
-             for t in (64, 128)]
+    extra = [
+        analytic.activation_bytes(HAND, t, 1, "fp32", "math")
+        - analytic.activation_bytes(HAND, t, 1, "fp32")
+        for t in (64, 128)
+    ]
     assert extra[1] > 3.5 * extra[0]
 
 
 # -- analytic, against torch's own counters ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("fields", [
-    {},
-    {"n_kv_heads": 2},
-    {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": False},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"n_kv_heads": 2},
+        {
+            "pos": "learned",
+            "norm": "layernorm",
+            "mlp": "gelu",
+            "bias": True,
+            "tie_embeddings": False,
+        },
+    ],
+)
 def test_forward_and_training_flops_match_flop_counter_mode(fields):
     cfg = ModelConfig(**{**SMALL, **fields})
     model = Transformer(cfg)
@@ -97,10 +125,14 @@ def test_forward_and_training_flops_match_flop_counter_mode(fields):
     x = torch.randint(0, cfg.vocab_size, (B, T))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
-    assert counter.get_total_flops() == pytest.approx(analytic.flop_split(cfg, T).forward * B * T, rel=0.02)
+    assert counter.get_total_flops() == pytest.approx(
+        analytic.flop_split(cfg, T).forward * B * T, rel=0.02
+    )
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x).view(-1, cfg.vocab_size), x.view(-1)).backward()
-    assert counter.get_total_flops() == pytest.approx(analytic.flop_split(cfg, T).training * B * T, rel=0.03)
+    assert counter.get_total_flops() == pytest.approx(
+        analytic.flop_split(cfg, T).training * B * T, rel=0.03
+    )
 
 
 def _saved_bytes(cfg: ModelConfig, T: int, B: int, precision: str, impl: str) -> int:
@@ -127,10 +159,13 @@ def _saved_bytes(cfg: ModelConfig, T: int, B: int, precision: str, impl: str) ->
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
-@pytest.mark.parametrize("fields", [
-    {"n_kv_heads": 2},
-    {"pos": "sinusoidal", "norm": "layernorm", "mlp": "gelu", "n_kv_heads": 1},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n_kv_heads": 2},
+        {"pos": "sinusoidal", "norm": "layernorm", "mlp": "gelu", "n_kv_heads": 1},
+    ],
+)
 def test_activation_estimate_matches_what_autograd_saves(fields, impl, precision):
     cfg = ModelConfig(**{**SMALL, **fields})
     got = _saved_bytes(cfg, 48, 2, precision, impl)
@@ -183,9 +218,27 @@ def _run_dir(tmp_path: Path, **fields) -> Path:
 
 def test_quick_profile_json_schema(cli, tmp_path):
     out = tmp_path / "profile.json"
-    result = cli("profile", "--preset", "nano", "--seq-len", "64", "--quick", "--device", "cpu", "--json", out)
+    result = cli(
+        "profile",
+        "--preset",
+        "nano",
+        "--seq-len",
+        "64",
+        "--quick",
+        "--device",
+        "cpu",
+        "--json",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
-    for title in ("1. Model", "2a. Analytic FLOPs", "2b. Analytic memory", "3. Measured", "3b. Attention", "4. Will it fit"):
+    for title in (
+        "1. Model",
+        "2a. Analytic FLOPs",
+        "2b. Analytic memory",
+        "3. Measured",
+        "3b. Attention",
+        "4. Will it fit",
+    ):
         assert title in result.stdout
     data = json.loads(out.read_text())
     for key, kind in HEADLINE_KEYS.items():
@@ -198,7 +251,9 @@ def test_quick_profile_json_schema(cli, tmp_path):
     assert data["precision"] == auto and data["device"] == "cpu" and data["seq_len"] == 64
     assert data["flops_per_token"] == flops_per_token(cfg, 64)
     elem = DTYPES[auto].itemsize
-    assert data["kv_cache_bytes"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 64 * 1 * elem
+    assert (
+        data["kv_cache_bytes"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 64 * 1 * elem
+    )
     assert data["decode_tokens_per_s"] > 0 and data["decode_cache_speedup"] > 0
     assert 0 < data["mfu"] and data["decode_bandwidth_utilization"] > 0
     assert set(data["measured"]["attention"]) == {"sdpa", "math"}
@@ -209,10 +264,16 @@ def test_quick_profile_json_schema(cli, tmp_path):
 
 def test_run_dir_params_equal_the_checkpoint_and_measure_past_max_seq_len(cli, tmp_path):
     run = _run_dir(tmp_path, tie_embeddings=False)
-    result = cli("profile", "-m", run, "--seq-len", "32,96", "--quick", "--device", "cpu", "--json", "-")
+    result = cli(
+        "profile", "-m", run, "--seq-len", "32,96", "--quick", "--device", "cpu", "--json", "-"
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["params"] == data["checkpoint_params"] == checkpoint_param_count(run / "model.safetensors")
+    assert (
+        data["params"]
+        == data["checkpoint_params"]
+        == checkpoint_param_count(run / "model.safetensors")
+    )
     assert data["model"]["source"] == "run" and data["seq_len"] == 96
     assert any("max_seq_len raised from 64 to 96" in n for n in data["notes"])
     assert [row["seq_len"] for row in data["scaling"]] == [32, 96]
@@ -221,7 +282,9 @@ def test_run_dir_params_equal_the_checkpoint_and_measure_past_max_seq_len(cli, t
 
 def test_learned_positions_past_max_seq_len_keep_the_analytic_part(cli, tmp_path):
     run = _run_dir(tmp_path, pos="learned")
-    result = cli("profile", "-m", run, "--seq-len", "128", "--quick", "--device", "cpu", "--json", "-")
+    result = cli(
+        "profile", "-m", run, "--seq-len", "128", "--quick", "--device", "cpu", "--json", "-"
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["params"] == data["checkpoint_params"]
@@ -234,7 +297,18 @@ def test_what_does_not_fit_is_skipped_with_the_reason(cli, monkeypatch, tmp_path
 
     monkeypatch.setattr(report, "available_memory", lambda device: 2**16)  # 64 KiB free
     out = tmp_path / "p.json"
-    result = cli("profile", "--preset", "nano", "--seq-len", "64", "--quick", "--device", "cpu", "--json", out)
+    result = cli(
+        "profile",
+        "--preset",
+        "nano",
+        "--seq-len",
+        "64",
+        "--quick",
+        "--device",
+        "cpu",
+        "--json",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["train_tokens_per_s"] is None and data["decode_tokens_per_s"] is None
@@ -245,7 +319,9 @@ def test_what_does_not_fit_is_skipped_with_the_reason(cli, monkeypatch, tmp_path
 
 def test_config_file_toml_with_preset_and_overrides(cli, tmp_path):
     toml = tmp_path / "model.toml"
-    toml.write_text('preset = "nano"\n[model]\nn_layers = 2\nvocab_size = 512\n\n[train]\nlr = 1e-3\n')
+    toml.write_text(
+        'preset = "nano"\n[model]\nn_layers = 2\nvocab_size = 512\n\n[train]\nlr = 1e-3\n'
+    )
     result = cli("profile", "--config", toml, "--no-measure", "--json", "-")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
@@ -258,16 +334,22 @@ def test_config_file_toml_with_preset_and_overrides(cli, tmp_path):
     assert data["kv_cache_gqa_saving"] == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (("-m", "/nonexistent/run", "--preset", "nano"), "exactly one of -m RUN_DIR, --preset NAME or --config FILE"),
-    (("--preset", "nano", "--config", "x.toml"), "exactly one of"),
-    (("--preset", "nope"), "unknown preset"),
-    (("--preset", "nano", "--seq-len", "abc"), "--seq-len"),
-    (("--preset", "nano", "--seq-len", "0"), "--seq-len"),
-    (("--preset", "nano", "--batch-size", "0"), "--batch-size"),
-    (("-m", "/nonexistent/run"), "no such run directory"),
-    (("--config", "/nonexistent.toml"), "config file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("-m", "/nonexistent/run", "--preset", "nano"),
+            "exactly one of -m RUN_DIR, --preset NAME or --config FILE",
+        ),
+        (("--preset", "nano", "--config", "x.toml"), "exactly one of"),
+        (("--preset", "nope"), "unknown preset"),
+        (("--preset", "nano", "--seq-len", "abc"), "--seq-len"),
+        (("--preset", "nano", "--seq-len", "0"), "--seq-len"),
+        (("--preset", "nano", "--batch-size", "0"), "--batch-size"),
+        (("-m", "/nonexistent/run"), "no such run directory"),
+        (("--config", "/nonexistent.toml"), "config file not found"),
+    ],
+)
 def test_bad_input_is_one_clear_line(cli, args, message):
     result = cli("profile", *args, "--no-measure")
     assert result.exit_code == 1

@@ -21,10 +21,10 @@ from fixtures import write_corpus
 
 from models import get_preset
 from tformer_cli.app import app
-from tformer_cli.chat_template import PLAIN_STOPS, plain_transcript
 from tformer_cli.commands.help import QUICKSTART, epilog_commands
-from tformer_cli.rundir import check_run_dir
-from tformer_cli.train_config import DEFAULT_PRESET
+from tformer_cli.data.chat_template import PLAIN_STOPS, plain_transcript
+from tformer_cli.runs.rundir import check_run_dir
+from tformer_cli.training.config import DEFAULT_PRESET
 
 CORPUS_CHARS = 120_000  # enough for the default 2048-token tokenizer and a validation split
 TRAIN = ("train", "corpus.txt", "--max-steps", "1")  # the line as users write it, plus a limit

@@ -16,13 +16,13 @@ from conftest import ROOT, run_cli
 from fixtures import write_corpus
 
 from models import Transformer, get_preset, save_model
-from tformer_cli.corpus import resolve_corpus
+from tformer_cli.data.corpus import resolve_corpus
+from tformer_cli.data.tokenizer import train_tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.export_hf import export_hf
-from tformer_cli.model_path import list_runs, newest_run, resolve_model_path
-from tformer_cli.run_target import claim_auto, prepare_run_dir, run_name
-from tformer_cli.runlock import RunLock, RunLocked
-from tformer_cli.tokenizer import train_tokenizer
+from tformer_cli.interop.hf_export import export_hf
+from tformer_cli.runs.locate import list_runs, newest_run, resolve_model_path
+from tformer_cli.runs.lock import RunLock, RunLocked
+from tformer_cli.runs.target import claim_auto, prepare_run_dir, run_name
 
 NANO = [
     "--preset",
@@ -74,7 +74,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     code = (
-        "import sys, time; from tformer_cli.runlock import RunLock; "
+        "import sys, time; from tformer_cli.runs.lock import RunLock; "
         "RunLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); time.sleep(60)"
     )
@@ -145,7 +145,7 @@ def test_auto_names_skip_runs_and_locked_names_and_take_over_unfinished_starts(t
 def test_concurrent_starts_get_different_names(tmp_path):
     # Each process claims a name and holds it until told to let go, so both hold one at once.
     code = (
-        "import sys; from pathlib import Path; from tformer_cli.run_target import claim_auto; "
+        "import sys; from pathlib import Path; from tformer_cli.runs.target import claim_auto; "
         "t = claim_auto('corpus', Path(sys.argv[1]), False, False); print(t.path, flush=True); "
         "sys.stdin.readline(); t.release()"
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tformer_cli.errors import TformerError
-from tformer_cli.sampling import (
+from tformer_cli.inference.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     argmax,
@@ -30,12 +30,25 @@ def test_top_k_keeps_the_k_most_likely():
     assert kept(SamplingConfig(temperature=1, top_k=0)) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("top_p, expected", [(0.5, [0]), (0.6, [0, 1]), (0.75, [0, 1]), (0.8, [0, 1, 2]), (1.0, [0, 1, 2, 3, 4])])
+@pytest.mark.parametrize(
+    "top_p, expected",
+    [(0.5, [0]), (0.6, [0, 1]), (0.75, [0, 1]), (0.8, [0, 1, 2]), (1.0, [0, 1, 2, 3, 4])],
+)
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
     assert kept(SamplingConfig(temperature=1, top_p=top_p)) == expected
 
 
-@pytest.mark.parametrize("min_p, expected", [(0.0, [0, 1, 2, 3, 4]), (0.125, [0, 1, 2, 3, 4]), (0.25, [0, 1, 2]), (0.26, [0, 1]), (0.5, [0, 1]), (1.0, [0])])
+@pytest.mark.parametrize(
+    "min_p, expected",
+    [
+        (0.0, [0, 1, 2, 3, 4]),
+        (0.125, [0, 1, 2, 3, 4]),
+        (0.25, [0, 1, 2]),
+        (0.26, [0, 1]),
+        (0.5, [0, 1]),
+        (1.0, [0]),
+    ],
+)
 def test_min_p_drops_tokens_below_min_p_times_the_top(min_p, expected):
     assert kept(SamplingConfig(temperature=1, min_p=min_p)) == expected
 
@@ -59,7 +72,9 @@ def test_greedy_and_seeded_sampling():
     b = [sample(LOGITS, hot, torch.Generator().manual_seed(7)).item() for _ in range(1)]
     assert a == b
     gen = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.stack([sample(LOGITS, hot, gen) for _ in range(4000)]).flatten(), minlength=5)
+    counts = torch.bincount(
+        torch.stack([sample(LOGITS, hot, gen) for _ in range(4000)]).flatten(), minlength=5
+    )
     assert math.isclose(counts[0].item() / 4000, 0.5, abs_tol=0.03)
     only_top = SamplingConfig(temperature=1.0, top_k=1)
     assert all(sample(LOGITS, only_top, gen).item() == 0 for _ in range(50))
@@ -67,8 +82,14 @@ def test_greedy_and_seeded_sampling():
 
 @pytest.mark.parametrize(
     "kw, message",
-    [(dict(temperature=-1), "--temperature"), (dict(top_k=-1), "--top-k"), (dict(top_p=0), "--top-p"),
-     (dict(top_p=1.5), "--top-p"), (dict(min_p=2), "--min-p"), (dict(repetition_penalty=0), "--repetition-penalty")],
+    [
+        (dict(temperature=-1), "--temperature"),
+        (dict(top_k=-1), "--top-k"),
+        (dict(top_p=0), "--top-p"),
+        (dict(top_p=1.5), "--top-p"),
+        (dict(min_p=2), "--min-p"),
+        (dict(repetition_penalty=0), "--repetition-penalty"),
+    ],
 )
 def test_invalid_values_are_refused(kw, message):
     with pytest.raises(TformerError, match=message):
@@ -77,7 +98,9 @@ def test_invalid_values_are_refused(kw, message):
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_on_a_large_vocabulary_matches_a_full_sort(top_p):
-    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)) * 3  # the nucleus spans thousands
+    logits = (
+        torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)) * 3
+    )  # the nucleus spans thousands
     got = torch.isfinite(filter_logits(logits, SamplingConfig(temperature=1, top_p=top_p)))
     probs, order = torch.softmax(logits, -1).sort(-1, descending=True)
     keep_sorted = (probs.cumsum(-1) - probs) < top_p
@@ -86,7 +109,9 @@ def test_top_p_on_a_large_vocabulary_matches_a_full_sort(top_p):
 
 
 def test_uniform_top_p_keeps_exactly_that_share():
-    kept = torch.isfinite(filter_logits(torch.zeros(1, 1000), SamplingConfig(temperature=1, top_p=0.5)))
+    kept = torch.isfinite(
+        filter_logits(torch.zeros(1, 1000), SamplingConfig(temperature=1, top_p=0.5))
+    )
     assert kept.sum().item() == 500
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from fixtures import write_corpus
 
+from tformer_cli.data.tokenizer import CHAT_MARKERS, load_tokenizer, train_tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.tokenizer import CHAT_MARKERS, load_tokenizer, train_tokenizer
 
 TRICKY = [
     "",
@@ -32,7 +32,9 @@ def shakespeare_tok(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tok")
     path = base / "shakespeare.model"
-    res = run_cli("tokenize", "train", write_corpus(base / "corpus.txt"), "-o", path, "--vocab-size", "2000")
+    res = run_cli(
+        "tokenize", "train", write_corpus(base / "corpus.txt"), "-o", path, "--vocab-size", "2000"
+    )
     assert res.exit_code == 0, res.stderr
     assert "2,000" in res.stdout and "chars per token" in res.stdout
     return path
@@ -73,7 +75,9 @@ def test_other_model_types_round_trip(kind, tmp_path):
 
 def test_directory_and_jsonl_corpora(tmp_path):
     (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 200)
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"record {i} about dogs"}) + "\n" for i in range(200)))
+    (tmp_path / "b.jsonl").write_text(
+        "".join(json.dumps({"text": f"record {i} about dogs"}) + "\n" for i in range(200))
+    )
     summary = train_tokenizer([tmp_path], tmp_path / "t.model", vocab_size=330)
     tok = load_tokenizer(summary.path)
     assert len(tok.encode("the cat sat on the mat")) < 10  # learned from a.txt
@@ -123,18 +127,26 @@ def _one_line_error(res, *needles):
 
 
 def test_missing_corpus(cli, tmp_path):
-    _one_line_error(cli("tokenize", "train", tmp_path / "nope.txt", "-o", tmp_path / "t.model"), "nope.txt", "no such file")
+    _one_line_error(
+        cli("tokenize", "train", tmp_path / "nope.txt", "-o", tmp_path / "t.model"),
+        "nope.txt",
+        "no such file",
+    )
 
 
 def test_empty_corpus(cli, tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    _one_line_error(cli("tokenize", "train", tmp_path / "empty.txt", "-o", tmp_path / "t.model"), "empty")
+    _one_line_error(
+        cli("tokenize", "train", tmp_path / "empty.txt", "-o", tmp_path / "t.model"), "empty"
+    )
 
 
 def test_non_utf8_corpus_names_file_and_offset(cli, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"hello there\ncaf\xe9 au lait\n")
-    _one_line_error(cli("tokenize", "train", bad, "-o", tmp_path / "t.model"), "latin1.txt", "offset 15", "0xe9")
+    _one_line_error(
+        cli("tokenize", "train", bad, "-o", tmp_path / "t.model"), "latin1.txt", "offset 15", "0xe9"
+    )
 
 
 def test_vocab_too_large_says_the_largest_that_works(cli, tmp_path):
@@ -143,18 +155,29 @@ def test_vocab_too_large_says_the_largest_that_works(cli, tmp_path):
     res = cli("tokenize", "train", small, "-o", tmp_path / "t.model", "--vocab-size", "5000")
     _one_line_error(res, "--vocab-size 5000", "largest that works is")
     largest = int(res.stderr.rsplit(" ", 1)[1])
-    assert cli("tokenize", "train", small, "-o", tmp_path / "t.model", "--vocab-size", str(largest)).exit_code == 0
+    assert (
+        cli(
+            "tokenize", "train", small, "-o", tmp_path / "t.model", "--vocab-size", str(largest)
+        ).exit_code
+        == 0
+    )
 
 
 def test_missing_and_corrupt_tokenizer(cli, tmp_path):
-    _one_line_error(cli("tokenize", "encode", "-t", tmp_path / "none.model", "hi"), "none.model", "not found")
+    _one_line_error(
+        cli("tokenize", "encode", "-t", tmp_path / "none.model", "hi"), "none.model", "not found"
+    )
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"\x00\x01 definitely not a protobuf")
-    _one_line_error(cli("tokenize", "encode", "-t", junk, "hi"), "junk.model", "not a sentencepiece model")
+    _one_line_error(
+        cli("tokenize", "encode", "-t", junk, "hi"), "junk.model", "not a sentencepiece model"
+    )
 
 
 def test_decode_out_of_range_and_non_numeric_ids(shakespeare_tok, cli):
-    _one_line_error(cli("tokenize", "decode", "-t", shakespeare_tok, "5", "2000"), "2000", "0..1999")
+    _one_line_error(
+        cli("tokenize", "decode", "-t", shakespeare_tok, "5", "2000"), "2000", "0..1999"
+    )
     _one_line_error(cli("tokenize", "decode", "-t", shakespeare_tok, "5", "x"), "'x'")
 
 
@@ -170,7 +193,7 @@ def test_a_run_directory_names_its_tokenizer(shakespeare_tok, tmp_path):
 
 
 def test_a_file_without_line_breaks_is_read_in_bounded_chunks(tmp_path):
-    from tformer_cli.corpus import iter_text_chunks
+    from tformer_cli.data.corpus import iter_text_chunks
 
     text = "héllo wörld " * 5000  # no newline at all, with 2-byte characters to split around
     path = tmp_path / "one_line.txt"
@@ -188,5 +211,8 @@ def test_load_tokenizer_error_type(tmp_path):
 def test_vocab_too_small_says_the_minimum(cli, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\n" * 50)
-    _one_line_error(cli("tokenize", "train", corpus, "-o", tmp_path / "t.model", "--vocab-size", "100"),
-                    "--vocab-size 100 is too small", "needs at least")
+    _one_line_error(
+        cli("tokenize", "train", corpus, "-o", tmp_path / "t.model", "--vocab-size", "100"),
+        "--vocab-size 100 is too small",
+        "needs at least",
+    )

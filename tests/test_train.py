@@ -11,10 +11,20 @@ import torch
 from fixtures import write_corpus
 from safetensors.torch import load_file
 
-from tformer_cli.train_config import TrainConfig, load_train_config, parse_duration
-from tformer_cli.trainer import train
+from tformer_cli.training.config import TrainConfig, load_train_config, parse_duration
+from tformer_cli.training.pretrain import train
 
-FAST = ["--preset", "nano", "--batch-size", "4", "--seq-len", "64", "--eval-batches", "2", "--quiet"]
+FAST = [
+    "--preset",
+    "nano",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "64",
+    "--eval-batches",
+    "2",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +44,40 @@ def trained(corpus, cache, tmp_path_factory):
     from conftest import run_cli
 
     out = tmp_path_factory.mktemp("runs") / "nano"
-    res = run_cli("train", corpus, "-o", out, *FAST, "--vocab-size", "512", "--max-steps", "120",
-                  "--eval-every", "30", "--cache-dir", cache, "--json")
+    res = run_cli(
+        "train",
+        corpus,
+        "-o",
+        out,
+        *FAST,
+        "--vocab-size",
+        "512",
+        "--max-steps",
+        "120",
+        "--eval-every",
+        "30",
+        "--cache-dir",
+        cache,
+        "--json",
+    )
     assert res.exit_code == 0, res.stderr
     return out, json.loads(res.stdout), res
 
 
 def test_run_dir_holds_the_documented_files(trained):
     out, card, _ = trained
-    for name in ("config.json", "model.safetensors", "tokenizer.model", "metrics.jsonl", "run_card.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "metrics.jsonl",
+        "run_card.json",
+    ):
         assert (out / name).is_file(), name
     assert (out / "train_state" / "state.json").is_file()
-    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "tokenizer.model").is_file()
+    assert (out / "best" / "model.safetensors").is_file() and (
+        out / "best" / "tokenizer.model"
+    ).is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "tformer" and config["model"]["vocab_size"] == 512
     assert config["step"] == 120
@@ -72,19 +104,47 @@ def test_validation_loss_falls_and_metrics_are_logged(trained):
 
 def test_lr_schedule_warms_up_then_decays(trained):
     out, _, _ = trained
-    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    lrs = [
+        json.loads(line)["lr"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"lr"' in line
+    ]
     peak = max(lrs)
-    assert lrs.index(peak) <= 2 and lrs[-1] == pytest.approx(1e-4, rel=0.01)  # decays to min-lr = lr/10
+    assert lrs.index(peak) <= 2 and lrs[-1] == pytest.approx(
+        1e-4, rel=0.01
+    )  # decays to min-lr = lr/10
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
 
 
 def test_second_run_reuses_the_token_cache(trained, corpus, cache, cli, tmp_path):
     out, _, _ = trained
-    res = cli("train", corpus, "-o", tmp_path / "again", *FAST, "--tokenizer", out / "tokenizer.model",
-              "--max-steps", "2", "--cache-dir", cache)
+    res = cli(
+        "train",
+        corpus,
+        "-o",
+        tmp_path / "again",
+        *FAST,
+        "--tokenizer",
+        out / "tokenizer.model",
+        "--max-steps",
+        "2",
+        "--cache-dir",
+        cache,
+    )
     assert res.exit_code == 0, res.stderr
-    res = cli("train", corpus, "-o", tmp_path / "third", *FAST, "--tokenizer", out / "tokenizer.model",
-              "--max-steps", "2", "--cache-dir", cache)
+    res = cli(
+        "train",
+        corpus,
+        "-o",
+        tmp_path / "third",
+        *FAST,
+        "--tokenizer",
+        out / "tokenizer.model",
+        "--max-steps",
+        "2",
+        "--cache-dir",
+        cache,
+    )
     assert "data (cached)" in res.stderr
 
 
@@ -92,10 +152,21 @@ def _weights(path):
     return load_file(path / "model.safetensors")
 
 
-def test_interrupt_then_resume_ends_bit_for_bit_where_the_uninterrupted_run_does(trained, corpus, cache, tmp_path):
+def test_interrupt_then_resume_ends_bit_for_bit_where_the_uninterrupted_run_does(
+    trained, corpus, cache, tmp_path
+):
     tok = str(trained[0] / "tokenizer.model")
-    cfg = dict(preset="nano", tokenizer=tok, batch_size=4, seq_len=64, max_steps=25, eval_every=10,
-               eval_batches=2, save_every=100, dropout=0.1)
+    cfg = dict(
+        preset="nano",
+        tokenizer=tok,
+        batch_size=4,
+        seq_len=64,
+        max_steps=25,
+        eval_every=10,
+        eval_batches=2,
+        save_every=100,
+        dropout=0.1,
+    )
     train(TrainConfig(**cfg), [corpus], tmp_path / "straight", cache)
 
     stop = threading.Event()
@@ -104,14 +175,19 @@ def test_interrupt_then_resume_ends_bit_for_bit_where_the_uninterrupted_run_does
         if kind in ("step", "tick") and data["step"] == 13:
             stop.set()  # what Ctrl-C does
 
-    card = train(TrainConfig(**cfg), [corpus], tmp_path / "split", cache, on_event=on_event, stop=stop)
+    card = train(
+        TrainConfig(**cfg), [corpus], tmp_path / "split", cache, on_event=on_event, stop=stop
+    )
     assert card["interrupted"] and card["steps"] == 13
     card = train(TrainConfig(**cfg), [corpus], tmp_path / "split", cache, resume=True)
     assert card["steps"] == 25 and not card["interrupted"]
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps)  # the resumed run's log continues, no duplicates
 
 
@@ -130,11 +206,25 @@ class _VirtualClock:
 def test_time_budget_stops_evaluates_and_saves(trained, corpus, cache, cli, tmp_path, monkeypatch):
     import types
 
-    import tformer_cli.trainer as trainer
+    import tformer_cli.training.pretrain as trainer
 
-    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=_VirtualClock(0.02).perf_counter))
-    res = cli("train", corpus, "-o", tmp_path / "timed", *FAST, "--tokenizer", trained[0] / "tokenizer.model",
-              "--time", "4s", "--cache-dir", cache, "--json")
+    monkeypatch.setattr(
+        trainer, "time", types.SimpleNamespace(perf_counter=_VirtualClock(0.02).perf_counter)
+    )
+    res = cli(
+        "train",
+        corpus,
+        "-o",
+        tmp_path / "timed",
+        *FAST,
+        "--tokenizer",
+        trained[0] / "tokenizer.model",
+        "--time",
+        "4s",
+        "--cache-dir",
+        cache,
+        "--json",
+    )
     assert res.exit_code == 0, res.stderr
     card = json.loads(res.stdout)
     assert card["steps"] > 5, card["steps"]
@@ -143,8 +233,10 @@ def test_time_budget_stops_evaluates_and_saves(trained, corpus, cache, cli, tmp_
     assert json.loads((tmp_path / "timed" / "config.json").read_text())["step"] == card["steps"]
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(trained, corpus, cache, cli, tmp_path, monkeypatch):
-    import tformer_cli.trainer as trainer
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    trained, corpus, cache, cli, tmp_path, monkeypatch
+):
+    import tformer_cli.training.pretrain as trainer
 
     real, calls = trainer.lm_loss, {"n": 0}
 
@@ -158,8 +250,21 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(trained, c
 
     monkeypatch.setattr(trainer, "lm_loss", poisoned)
     out = tmp_path / "nan"
-    res = cli("train", corpus, "-o", out, *FAST, "--tokenizer", trained[0] / "tokenizer.model",
-              "--max-steps", "20", "--save-every", "5", "--cache-dir", cache)
+    res = cli(
+        "train",
+        corpus,
+        "-o",
+        out,
+        *FAST,
+        "--tokenizer",
+        trained[0] / "tokenizer.model",
+        "--max-steps",
+        "20",
+        "--save-every",
+        "5",
+        "--cache-dir",
+        cache,
+    )
     assert res.exit_code == 1
     assert "loss became nan at step 7" in res.stderr and "step 5" in res.stderr
     assert "Traceback" not in res.stderr
@@ -178,8 +283,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(trained, c
 )
 def test_bad_input_is_one_line(args, message, trained, corpus, cache, cli, tmp_path):
     args = [a.replace("{corpus}", str(corpus)) for a in args]
-    res = cli("train", *args, "-o", tmp_path / "run", "--quiet", "--max-steps", "1",
-              "--tokenizer", trained[0] / "tokenizer.model", "--cache-dir", cache)
+    res = cli(
+        "train",
+        *args,
+        "-o",
+        tmp_path / "run",
+        "--quiet",
+        "--max-steps",
+        "1",
+        "--tokenizer",
+        trained[0] / "tokenizer.model",
+        "--cache-dir",
+        cache,
+    )
     assert res.exit_code == 1, res.stdout
     last = res.stderr.splitlines()[-1]
     assert last.startswith("error: ") and message in last, res.stderr
@@ -193,7 +309,9 @@ def test_empty_corpus_is_refused(cli, tmp_path, cache):
     assert res.exit_code == 1 and "empty" in res.stderr
 
 
-def test_existing_run_is_not_clobbered_and_resume_needs_a_checkpoint(trained, corpus, cache, cli, tmp_path):
+def test_existing_run_is_not_clobbered_and_resume_needs_a_checkpoint(
+    trained, corpus, cache, cli, tmp_path
+):
     out, _, _ = trained
     before = (out / "model.safetensors").read_bytes()
     res = cli("train", corpus, "-o", out, *FAST, "--max-steps", "1", "--cache-dir", cache)
@@ -205,14 +323,32 @@ def test_existing_run_is_not_clobbered_and_resume_needs_a_checkpoint(trained, co
 
 def test_resume_with_a_different_model_is_refused(trained, corpus, cache, cli):
     out, _, _ = trained
-    res = cli("train", corpus, "-o", out, *FAST, "--preset", "micro", "--resume", "--max-steps", "121",
-              "--cache-dir", cache)
-    assert res.exit_code == 1 and "holds a different model" in res.stderr and "dim 96 vs 128" in res.stderr
+    res = cli(
+        "train",
+        corpus,
+        "-o",
+        out,
+        *FAST,
+        "--preset",
+        "micro",
+        "--resume",
+        "--max-steps",
+        "121",
+        "--cache-dir",
+        cache,
+    )
+    assert (
+        res.exit_code == 1
+        and "holds a different model" in res.stderr
+        and "dim 96 vs 128" in res.stderr
+    )
 
 
 def test_toml_config_then_flags(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('preset = "tiny"\n[train]\nlr = 3e-4\nbatch_size = 8\ntime = "2m"\n[model]\ndim = 128\nn_heads = 4\n')
+    path.write_text(
+        'preset = "tiny"\n[train]\nlr = 3e-4\nbatch_size = 8\ntime = "2m"\n[model]\ndim = 128\nn_heads = 4\n'
+    )
     cfg = load_train_config(path, {"lr": 1e-3, "seed": None})
     assert (cfg.preset, cfg.lr, cfg.batch_size, cfg.time) == ("tiny", 1e-3, 8, 120.0)
     model = cfg.model_config(vocab_size=300)
@@ -226,7 +362,7 @@ def test_durations():
 def test_batches_depend_only_on_seed_and_step():
     import numpy as np
 
-    from tformer_cli.batches import BatchSampler
+    from tformer_cli.data.batches import BatchSampler
 
     tokens = np.arange(1000, dtype=np.uint16)
     s = BatchSampler(tokens, 16, seed=3)

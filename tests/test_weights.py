@@ -12,10 +12,19 @@ from models import CheckpointError, ModelConfig, Transformer, load_config, load_
 
 
 def small_model(**kw) -> Transformer:
-    return Transformer(ModelConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, max_seq_len=32, **kw))
+    return Transformer(
+        ModelConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, max_seq_len=32, **kw)
+    )
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(norm="layernorm", pos="learned", mlp="gelu", bias=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(tie_embeddings=False),
+        dict(norm="layernorm", pos="learned", mlp="gelu", bias=True),
+    ],
+)
 def test_save_then_load_is_bit_exact(tmp_path, kw):
     model = small_model(**kw)
     save_model(model, tmp_path, extra={"note": "kept"})

@@ -79,7 +79,10 @@ def auto_precision(device: torch.device, job: str) -> tuple[str, str]:
         return "fp16", "the GPU has no bf16; fp16 with loss scaling"
     if device.type == "cpu" and job == "train":
         if cpu_has_fast_bf16():
-            return "bf16", "this CPU multiplies bf16 in hardware (AVX512-BF16/AMX): bf16 autocast trains ~1.45x faster"
+            return (
+                "bf16",
+                "this CPU multiplies bf16 in hardware (AVX512-BF16/AMX): bf16 autocast trains ~1.45x faster",
+            )
         return "fp32", "this CPU has no bf16 matrix instructions: bf16 would be slower than fp32"
     if device.type == "cpu":
         return "fp32", "on CPUs fp32 weights decode faster than bf16 (fewer conversions per token)"

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tformer_cli.chat_session import ChatSession, read_transcript
 from tformer_cli.commands.generate import (
     MODEL_HELP,
     check_max_new_tokens,
@@ -21,7 +20,8 @@ from tformer_cli.commands.generate import (
     utf8_problem,
 )
 from tformer_cli.errors import TformerError
-from tformer_cli.sampling import SamplingConfig
+from tformer_cli.inference.chat import ChatSession, read_transcript
+from tformer_cli.inference.sampling import SamplingConfig
 
 HELP = """commands:
   /reset               start over (keeps the system prompt)
@@ -44,8 +44,13 @@ LINE_LIMIT = 4 << 20  # characters in one piped turn; a longer line is reported 
 _PATH_COMMANDS = ("load", "save")  # their argument is a file name: any bytes the OS allows
 
 _SETTABLE = {
-    "temperature": float, "top_k": int, "top_p": float, "min_p": float,
-    "repetition_penalty": float, "max_new_tokens": int, "seed": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "min_p": float,
+    "repetition_penalty": float,
+    "max_new_tokens": int,
+    "seed": int,
 }
 
 
@@ -71,7 +76,9 @@ def _command(session: ChatSession, line: str, err: Console, stream: _ReplyPrinte
         try:
             parsed = _SETTABLE[key](value)
         except ValueError:
-            raise TformerError(f"/set {key}: {value!r} is not a {_SETTABLE[key].__name__}") from None
+            raise TformerError(
+                f"/set {key}: {value!r} is not a {_SETTABLE[key].__name__}"
+            ) from None
         if key == "max_new_tokens":
             check_max_new_tokens(parsed, "/set max_new_tokens")
         if key == "seed":
@@ -87,10 +94,14 @@ def _command(session: ChatSession, line: str, err: Console, stream: _ReplyPrinte
         _report(session, err)
     elif name == "stats":
         ctx = len(session.cached)
-        err.print(f"context: {ctx} of {session.model.config.max_seq_len} tokens, {len(session.messages)} messages, "
-                  f"{session.dropped_turns} dropped; mode {session.mode}")
-        err.print(f"sampling: {session.sampling.describe()}; max_new_tokens {session.max_new_tokens}, "
-                  f"seed {session.seed}")
+        err.print(
+            f"context: {ctx} of {session.model.config.max_seq_len} tokens, {len(session.messages)} messages, "
+            f"{session.dropped_turns} dropped; mode {session.mode}"
+        )
+        err.print(
+            f"sampling: {session.sampling.describe()}; max_new_tokens {session.max_new_tokens}, "
+            f"seed {session.seed}"
+        )
         if session.last:
             _report(session, err)
     elif name == "save":
@@ -154,8 +165,10 @@ def _report(session: ChatSession, err: Console) -> None:
     s = session.last
     if s:
         g = s.generation
-        err.print(f"[dim]{s.reply_tokens} tokens, {g.decode_tokens_per_s:.1f} tokens/s, first after "
-                  f"{1000 * g.prefill_seconds:.0f} ms ({s.prefilled_tokens} prefilled, {s.reused_tokens} reused from cache)[/]")
+        err.print(
+            f"[dim]{s.reply_tokens} tokens, {g.decode_tokens_per_s:.1f} tokens/s, first after "
+            f"{1000 * g.prefill_seconds:.0f} ms ({s.prefilled_tokens} prefilled, {s.reused_tokens} reused from cache)[/]"
+        )
 
 
 class _ReplyPrinter:
@@ -191,16 +204,26 @@ class _ReplyPrinter:
 def chat(
     model_dir: Path = typer.Option(None, "-m", "--model", metavar="RUN_DIR", help=MODEL_HELP),
     system: str = typer.Option(None, "--system", help="System prompt."),
-    max_new_tokens: int = typer.Option(256, "-n", "--max-new-tokens", help="Longest reply in tokens."),
+    max_new_tokens: int = typer.Option(
+        256, "-n", "--max-new-tokens", help="Longest reply in tokens."
+    ),
     temperature: float = typer.Option(0.7, "--temperature", help="0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Keep the smallest set with this much probability (1: off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."),
-    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="Penalise tokens already in the context (1: off)."),
+    top_p: float = typer.Option(
+        0.95, "--top-p", help="Keep the smallest set with this much probability (1: off)."
+    ),
+    min_p: float = typer.Option(
+        0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."
+    ),
+    repetition_penalty: float = typer.Option(
+        1.1, "--repetition-penalty", help="Penalise tokens already in the context (1: off)."
+    ),
     seed: int = typer.Option(None, "--seed", help="The same seed gives the same replies."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the prefill (slow to start; for GPUs)."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the prefill (slow to start; for GPUs)."
+    ),
 ) -> None:
     """Chat with a model. On a terminal: line editing, history, /help. From a pipe: one turn per line, one reply per line on stdout."""
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
@@ -211,15 +234,22 @@ def chat(
     require_stdin("chat reads one turn per line: run it on a terminal or pipe lines in")
     _tolerate_bad_bytes(sys.stdin)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    run, dev, prec = load_for_inference(pick_model(model_dir, err), device, precision, compile_model)
+    run, dev, prec = load_for_inference(
+        pick_model(model_dir, err), device, precision, compile_model
+    )
     mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
     session = ChatSession(run.model, run.tokenizer, mode, sampling, max_new_tokens, system, seed)
     interactive = sys.stdin.isatty()
-    what = ("chat markers (fine-tuned for chat)" if mode == "chat"
-            else "plain transcript (a base model: it continues \"User: ... Assistant:\")")
+    what = (
+        "chat markers (fine-tuned for chat)"
+        if mode == "chat"
+        else 'plain transcript (a base model: it continues "User: ... Assistant:")'
+    )
     hint = " /help for commands, Ctrl-D to leave." if interactive else ""
-    err.print(f"[dim]{escape(str(run.path))}: {what}; {dev} {prec}, "
-              f"context {run.config.max_seq_len} tokens.{hint}[/]")
+    err.print(
+        f"[dim]{escape(str(run.path))}: {what}; {dev} {prec}, "
+        f"context {run.config.max_seq_len} tokens.{hint}[/]"
+    )
     stream = _ReplyPrinter(one_line=not interactive)
 
     if interactive:
@@ -270,8 +300,10 @@ def chat(
             if interactive:
                 _report(session, err)
             if session.dropped_turns and not told_dropped:
-                err.print("[yellow]the conversation outgrew the context window: the oldest turns were dropped "
-                          "(the system prompt is kept)[/]")
+                err.print(
+                    "[yellow]the conversation outgrew the context window: the oldest turns were dropped "
+                    "(the system prompt is kept)[/]"
+                )
                 told_dropped = True
         except KeyboardInterrupt:
             stream.end()

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from tformer_cli.chat_template import encode_chat, plain_transcript
-from tformer_cli.commands.loop_ui import run_with_progress
-from tformer_cli.finetuner import FinetuneOptions
-from tformer_cli.finetuner import finetune as run_finetune
-from tformer_cli.generation import generate
-from tformer_cli.sampling import SamplingConfig
-from tformer_cli.train_config import load_train_config, parse_duration
+from tformer_cli.commands.progress import run_with_progress
+from tformer_cli.data.chat_template import encode_chat, plain_transcript
+from tformer_cli.inference.engine import generate
+from tformer_cli.inference.sampling import SamplingConfig
+from tformer_cli.training.config import load_train_config, parse_duration
+from tformer_cli.training.finetune import FinetuneOptions
+from tformer_cli.training.finetune import finetune as run_finetune
 
 SAMPLE_PROMPT = "Give three tips for staying healthy."
 EXAMPLES = (
@@ -35,25 +35,53 @@ def _chat_sampler(model, tok) -> str:
 
 
 def finetune(
-    base: Path = typer.Argument(..., metavar="BASE_RUN", help="The base model: a run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory."),
-    data: list[Path] = typer.Argument(..., metavar="DATA", help="JSONL/JSON files (messages, instruction/input/output, prompt/completion, text) or .txt."),
-    output: Path = typer.Option(..., "-o", "--output", metavar="RUN_DIR", help="The run directory to write."),
-    lora: bool = typer.Option(True, "--lora/--full", help="Train a LoRA adapter (default) or all weights."),
+    base: Path = typer.Argument(
+        ...,
+        metavar="BASE_RUN",
+        help="The base model: a run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory.",
+    ),
+    data: list[Path] = typer.Argument(
+        ...,
+        metavar="DATA",
+        help="JSONL/JSON files (messages, instruction/input/output, prompt/completion, text) or .txt.",
+    ),
+    output: Path = typer.Option(
+        ..., "-o", "--output", metavar="RUN_DIR", help="The run directory to write."
+    ),
+    lora: bool = typer.Option(
+        True, "--lora/--full", help="Train a LoRA adapter (default) or all weights."
+    ),
     lora_rank: int = typer.Option(8, "--lora-rank"),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
     lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
-    lora_targets: str = typer.Option("q,k,v,o", "--lora-targets", help="Comma-separated: q, k, v, o, mlp."),
-    train_on_prompt: bool = typer.Option(False, "--train-on-prompt", help="Also learn the prompt tokens."),
-    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (unless --max-steps)."),
+    lora_targets: str = typer.Option(
+        "q,k,v,o", "--lora-targets", help="Comma-separated: q, k, v, o, mlp."
+    ),
+    train_on_prompt: bool = typer.Option(
+        False, "--train-on-prompt", help="Also learn the prompt tokens."
+    ),
+    epochs: float = typer.Option(
+        1.0, "--epochs", help="Passes over the data (unless --max-steps)."
+    ),
     max_steps: int = typer.Option(None, "--max-steps"),
     time_budget: str = typer.Option(None, "--time", help="Wall-clock budget, e.g. 5m."),
-    val_split: float = typer.Option(0.05, "--val-split", help="Share of the examples held out for validation."),
-    val_data: list[Path] = typer.Option(None, "--val-data", help="Validation file(s) instead of a split."),
-    merge: bool = typer.Option(False, "--merge", help="Also write a standalone merged model.safetensors."),
+    val_split: float = typer.Option(
+        0.05, "--val-split", help="Share of the examples held out for validation."
+    ),
+    val_data: list[Path] = typer.Option(
+        None, "--val-data", help="Validation file(s) instead of a split."
+    ),
+    merge: bool = typer.Option(
+        False, "--merge", help="Also write a standalone merged model.safetensors."
+    ),
     batch_size: int = typer.Option(8, "--batch-size"),
     grad_accum: int = typer.Option(1, "--grad-accum"),
-    seq_len: int = typer.Option(None, "--seq-len", help="Pad/truncate examples to this (default: the base's context)."),
-    lr: float = typer.Option(None, "--lr", help="Peak LR (default 5e-4 for LoRA, 1e-4 for --full)."),
+    seq_len: int = typer.Option(
+        None, "--seq-len", help="Pad/truncate examples to this (default: the base's context)."
+    ),
+    lr: float = typer.Option(
+        None, "--lr", help="Peak LR (default 5e-4 for LoRA, 1e-4 for --full)."
+    ),
     warmup: int = typer.Option(None, "--warmup"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     precision: str = typer.Option("auto", "--precision"),
@@ -63,25 +91,63 @@ def finetune(
     eval_batches: int = typer.Option(5, "--eval-batches"),
     save_every: int = typer.Option(200, "--save-every"),
     log_every: int = typer.Option(10, "--log-every"),
-    sample_every: int = typer.Option(None, "--sample-every", help="Show a reply to a fixed prompt every N steps (default: at evals; 0: never)."),
+    sample_every: int = typer.Option(
+        None,
+        "--sample-every",
+        help="Show a reply to a fixed prompt every N steps (default: at evals; 0: never).",
+    ),
     resume: bool = typer.Option(False, "--resume"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json", help="Print the run card as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fine-tune a base run on instruction or chat data (loss on the assistant's tokens)."""
-    cfg = load_train_config(None, dict(
-        max_steps=max_steps, time=parse_duration(time_budget) if time_budget else None, batch_size=batch_size,
-        grad_accum=grad_accum, seq_len=seq_len, lr=lr or (5e-4 if lora else 1e-4), warmup=warmup,
-        weight_decay=weight_decay, precision=precision, device=device, seed=seed, eval_every=eval_every,
-        eval_batches=eval_batches, save_every=save_every, log_every=log_every, sample_every=sample_every,
-    ))
-    opts = FinetuneOptions(lora=lora, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                           targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
-                           train_on_prompt=train_on_prompt, val_split=val_split, val_data=list(val_data or []),
-                           epochs=epochs, merge=merge)
+    cfg = load_train_config(
+        None,
+        dict(
+            max_steps=max_steps,
+            time=parse_duration(time_budget) if time_budget else None,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            seq_len=seq_len,
+            lr=lr or (5e-4 if lora else 1e-4),
+            warmup=warmup,
+            weight_decay=weight_decay,
+            precision=precision,
+            device=device,
+            seed=seed,
+            eval_every=eval_every,
+            eval_batches=eval_batches,
+            save_every=save_every,
+            log_every=log_every,
+            sample_every=sample_every,
+        ),
+    )
+    opts = FinetuneOptions(
+        lora=lora,
+        rank=lora_rank,
+        alpha=lora_alpha,
+        dropout=lora_dropout,
+        targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
+        train_on_prompt=train_on_prompt,
+        val_split=val_split,
+        val_data=list(val_data or []),
+        epochs=epochs,
+        merge=merge,
+    )
     run_with_progress(
-        lambda on_event, stop: run_finetune(cfg, opts, base, data, output, resume=resume, overwrite=overwrite,
-                                            on_event=on_event, stop=stop, sampler=_chat_sampler),
-        quiet, as_json,
+        lambda on_event, stop: run_finetune(
+            cfg,
+            opts,
+            base,
+            data,
+            output,
+            resume=resume,
+            overwrite=overwrite,
+            on_event=on_event,
+            stop=stop,
+            sampler=_chat_sampler,
+        ),
+        quiet,
+        as_json,
     )

@@ -10,14 +10,14 @@ import torch
 import typer
 from rich.console import Console
 
-from tformer_cli.decode_step import prepare_for_inference
+from models.decode import prepare_for_inference
 from tformer_cli.device import DTYPES, resolve_device, resolve_precision
 from tformer_cli.errors import TformerError
-from tformer_cli.generation import generate as run_generation
-from tformer_cli.model_path import find_model
+from tformer_cli.inference.engine import generate as run_generation
+from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.profiling.fit import require_fit
-from tformer_cli.rundir import load_run, read_model_config
-from tformer_cli.sampling import SamplingConfig
+from tformer_cli.runs.locate import find_model
+from tformer_cli.runs.rundir import load_run, read_model_config
 
 EXAMPLES = (
     'tformer generate -p "The Zen of Python" -n 50',
@@ -28,16 +28,21 @@ MAX_NEW_TOKENS = 1_000_000  # -n beyond this is a typo, not a request (the windo
 MAX_ROWS = 1 << 16  # prompts x --num-samples in one call (memory is checked too, where known)
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 STDIN_LIMIT = 64 << 20  # bytes of prompt read from stdin; the model sees at most its window anyway
-MODEL_HELP = ("A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama "
-              "directory (default: the newest run under ./runs).")
+MODEL_HELP = (
+    "A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama "
+    "directory (default: the newest run under ./runs)."
+)
 
 
 def pick_model(model_dir: Path | None, err: Console) -> Path:
     """The directory --model names; without it the newest run under ./runs, said on stderr."""
     path, chosen = find_model(model_dir)
     if chosen:
-        err.print(f"using {path} (the most recently trained run; choose another with -m)",
-                  markup=False, highlight=False)
+        err.print(
+            f"using {path} (the most recently trained run; choose another with -m)",
+            markup=False,
+            highlight=False,
+        )
     return path
 
 
@@ -108,22 +113,29 @@ def _read_stdin(err: Console) -> str:
     if raw is not None:
         data = raw.read(STDIN_LIMIT + 1)
         if len(data) > STDIN_LIMIT:
-            raise TformerError(f"stdin: more than {STDIN_LIMIT >> 20} MB of prompt; "
-                               "pipe in less (the model sees only its last context window)")
+            raise TformerError(
+                f"stdin: more than {STDIN_LIMIT >> 20} MB of prompt; "
+                "pipe in less (the model sees only its last context window)"
+            )
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise TformerError(f"stdin: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                               f"{e.start}); pipe in UTF-8 text or give -p") from None
+            raise TformerError(
+                f"stdin: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                f"{e.start}); pipe in UTF-8 text or give -p"
+            ) from None
     else:  # a text stream without bytes underneath (tests, embedding)
         try:
             text = sys.stdin.read(STDIN_LIMIT + 1)
         except UnicodeDecodeError as e:
-            raise TformerError(f"stdin: not UTF-8 text ({e.reason}); "
-                               "pipe in UTF-8 text or give -p") from None
+            raise TformerError(
+                f"stdin: not UTF-8 text ({e.reason}); pipe in UTF-8 text or give -p"
+            ) from None
         if len(text) > STDIN_LIMIT:
-            raise TformerError(f"stdin: more than {STDIN_LIMIT >> 20} MB of prompt; "
-                               "pipe in less (the model sees only its last context window)")
+            raise TformerError(
+                f"stdin: more than {STDIN_LIMIT >> 20} MB of prompt; "
+                "pipe in less (the model sees only its last context window)"
+            )
         if problem := utf8_problem(text):
             raise TformerError(f"stdin: not UTF-8 text ({problem}); pipe in UTF-8 text or give -p")
     return text[:-1] if text.endswith("\n") else text
@@ -134,29 +146,49 @@ def prompt_ids(run, text: str, err: Console) -> list[int]:
     ids = [run.tokenizer.bos_id, *run.tokenizer.encode(text)]
     window = run.config.max_seq_len
     if len(ids) > window - 1:
-        err.print(f"[yellow]warning: the prompt has {len(ids)} tokens; keeping its last {window - 1} "
-                  f"(context window {window})[/]")
-        ids = ids[-(window - 1):]
+        err.print(
+            f"[yellow]warning: the prompt has {len(ids)} tokens; keeping its last {window - 1} "
+            f"(context window {window})[/]"
+        )
+        ids = ids[-(window - 1) :]
     return ids
 
 
 def generate(
     model_dir: Path = typer.Option(None, "-m", "--model", metavar="RUN_DIR", help=MODEL_HELP),
-    prompt: list[str] = typer.Option(None, "-p", "--prompt", help="Prompt text; repeat for a batch (stdin when omitted)."),
+    prompt: list[str] = typer.Option(
+        None, "-p", "--prompt", help="Prompt text; repeat for a batch (stdin when omitted)."
+    ),
     max_new_tokens: int = typer.Option(200, "-n", "--max-new-tokens", help="Tokens to generate."),
     temperature: float = typer.Option(0.8, "--temperature", help="0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Keep the smallest set with this much probability (1: off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalise tokens already seen (1: off)."),
-    stop: list[str] = typer.Option(None, "--stop", help="End the text before this string (repeatable)."),
+    top_p: float = typer.Option(
+        1.0, "--top-p", help="Keep the smallest set with this much probability (1: off)."
+    ),
+    min_p: float = typer.Option(
+        0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."
+    ),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="Penalise tokens already seen (1: off)."
+    ),
+    stop: list[str] = typer.Option(
+        None, "--stop", help="End the text before this string (repeatable)."
+    ),
     seed: int = typer.Option(None, "--seed", help="The same seed gives the same text."),
-    num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt, generated as one batch."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context each step (slow; for comparison)."),
+    num_samples: int = typer.Option(
+        1, "--num-samples", help="Samples per prompt, generated as one batch."
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Recompute the whole context each step (slow; for comparison)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the prefill (slow to start; for GPUs)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, token counts and timings."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the prefill (slow to start; for GPUs)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object with the text, token counts and timings."
+    ),
 ) -> None:
     """Continue a prompt. Only the generated text goes to stdout, so it composes in pipes."""
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
@@ -169,8 +201,10 @@ def generate(
         check_text(text, "--stop")
     rows = (len(texts) if texts else 1) * num_samples
     if rows > MAX_ROWS:
-        raise TformerError(f"--num-samples {num_samples} x {len(texts or ())} prompts is {rows:,} "
-                           f"rows; at most {MAX_ROWS:,} go in one call")
+        raise TformerError(
+            f"--num-samples {num_samples} x {len(texts or ())} prompts is {rows:,} "
+            f"rows; at most {MAX_ROWS:,} go in one call"
+        )
     err = Console(stderr=True, soft_wrap=True)
     path = pick_model(model_dir, err)
     if texts is None:
@@ -181,8 +215,13 @@ def generate(
     cfg = read_model_config(path)
     longest = 2 + max(len(t.encode("utf-8")) for t in texts)  # tokens <= bytes + space + BOS
     need = min(cfg.max_seq_len, longest + max_new_tokens)
-    flag = (f"--num-samples {num_samples}" if num_samples > 1
-            else f"{len(texts)} prompts" if len(texts) > 1 else f"--model {path}")
+    flag = (
+        f"--num-samples {num_samples}"
+        if num_samples > 1
+        else f"{len(texts)} prompts"
+        if len(texts) > 1
+        else f"--model {path}"
+    )
     require_fit("inference", cfg, need, rows, prec, dev, flag)
     run, dev, prec = load_for_inference(path, device, precision, compile_model)
     prompt_rows = [prompt_ids(run, t, err) for t in texts]  # each prompt encoded (and cut) once
@@ -196,8 +235,15 @@ def generate(
 
     try:
         results, stats = run_generation(
-            run.model, run.tokenizer, ids, sampling, max_new_tokens, stops=tuple(stop or ()),
-            use_cache=not no_cache, seed=seed, on_text=stream if single else None,
+            run.model,
+            run.tokenizer,
+            ids,
+            sampling,
+            max_new_tokens,
+            stops=tuple(stop or ()),
+            use_cache=not no_cache,
+            seed=seed,
+            on_text=stream if single else None,
         )
     except KeyboardInterrupt:
         sys.stdout.write("\n")
@@ -206,11 +252,24 @@ def generate(
         raise typer.Exit(130) from None
     if as_json:
         rows = [
-            {"prompt": p, "text": r.text, "finish": r.finish, "prompt_tokens": len(r.prompt_ids), "new_tokens": len(r.ids)}
+            {
+                "prompt": p,
+                "text": r.text,
+                "finish": r.finish,
+                "prompt_tokens": len(r.prompt_ids),
+                "new_tokens": len(r.ids),
+            }
             for p, r in zip(batch, results, strict=True)
         ]
-        out = {"prompt": batch[0], "text": results[0].text, "rows": rows, "device": str(dev),
-               "precision": prec, "cache": not no_cache, **stats.to_dict()}
+        out = {
+            "prompt": batch[0],
+            "text": results[0].text,
+            "rows": rows,
+            "device": str(dev),
+            "precision": prec,
+            "cache": not no_cache,
+            **stats.to_dict(),
+        }
         typer.echo(json.dumps(out, ensure_ascii=False))
         return
     if single:
@@ -226,5 +285,6 @@ def generate(
         f"[dim]{stats.new_tokens} tokens, first after {1000 * stats.prefill_seconds:.0f} ms "
         f"({stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_s:,.0f}/s), "
         f"{stats.decode_tokens_per_s:.1f} tokens/s ({dev} {prec}, {'no cache' if no_cache else 'KV cache'})"
-        + (f", window slid {stats.slides}x" if stats.slides else "") + "[/]"
+        + (f", window slid {stats.slides}x" if stats.slides else "")
+        + "[/]"
     )

@@ -27,7 +27,9 @@ def parse_seq_lens(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise TformerError(f"--seq-len {text!r}: use a whole number or a comma-separated list such as 256,512,1024") from None
+        raise TformerError(
+            f"--seq-len {text!r}: use a whole number or a comma-separated list such as 256,512,1024"
+        ) from None
     if not values or any(v < 1 for v in values):
         raise TformerError(f"--seq-len {text!r}: context lengths must be positive whole numbers")
     return values
@@ -35,21 +37,56 @@ def parse_seq_lens(text: str) -> list[int]:
 
 def default_preset_line(source: ModelSource) -> str:
     """What profile says first when no model was named, so nobody mistakes whose figures these are."""
-    return (f"profiling the default preset of `tformer train`: {source.label} "
-            f"({source.config.num_params():,} parameters); choose another with -m, --preset or --config")
+    return (
+        f"profiling the default preset of `tformer train`: {source.label} "
+        f"({source.config.num_params():,} parameters); choose another with -m, --preset or --config"
+    )
 
 
 def profile(
-    model_dir: Path = typer.Option(None, "-m", "--model", metavar="RUN_DIR", help="A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory."),
-    preset: str = typer.Option(None, "--preset", metavar="NAME", help="A named model shape: nano, micro, tiny, small, small-gqa, gpt2 (default: micro, as `tformer train`)."),
-    config_file: Path = typer.Option(None, "--config", metavar="FILE", help="A TOML (or .json) file with a \\[model] table of model fields; `preset = NAME` starts from a preset."),
-    seq_len: str = typer.Option(None, "--seq-len", "-T", metavar="T", help="Context length, or a comma-separated list for a scaling table (default: the model's max_seq_len)."),
+    model_dir: Path = typer.Option(
+        None,
+        "-m",
+        "--model",
+        metavar="RUN_DIR",
+        help="A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory.",
+    ),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        metavar="NAME",
+        help="A named model shape: nano, micro, tiny, small, small-gqa, gpt2 (default: micro, as `tformer train`).",
+    ),
+    config_file: Path = typer.Option(
+        None,
+        "--config",
+        metavar="FILE",
+        help="A TOML (or .json) file with a \\[model] table of model fields; `preset = NAME` starts from a preset.",
+    ),
+    seq_len: str = typer.Option(
+        None,
+        "--seq-len",
+        "-T",
+        metavar="T",
+        help="Context length, or a comma-separated list for a scaling table (default: the model's max_seq_len).",
+    ),
     batch_size: int = typer.Option(1, "--batch-size", "-B", help="Sequences per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16."),
-    json_path: str = typer.Option(None, "--json", metavar="FILE", help="Write every figure as JSON to this file ('-': stdout, instead of the tables)."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer repetitions: about 20 s for a small model on a laptop CPU."),
-    measure: bool = typer.Option(True, "--measure/--no-measure", help="Run the measurements (--no-measure: analytic figures only, instant)."),
+    json_path: str = typer.Option(
+        None,
+        "--json",
+        metavar="FILE",
+        help="Write every figure as JSON to this file ('-': stdout, instead of the tables).",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Fewer repetitions: about 20 s for a small model on a laptop CPU."
+    ),
+    measure: bool = typer.Option(
+        True,
+        "--measure/--no-measure",
+        help="Run the measurements (--no-measure: analytic figures only, instant).",
+    ),
 ) -> None:
     """Where memory and time go: parameters, FLOPs, memory, measured speed, what fits, and how it scales with T."""
     source = resolve_source(model_dir, preset, config_file)
@@ -62,8 +99,16 @@ def profile(
     if source.default:
         err.print(default_preset_line(source), markup=False, highlight=False, soft_wrap=True)
     with err.status("profiling", spinner="dots") as status:
-        report = run_profile(source, seq_lens, batch_size, dev, prec, quick=quick, run_measurements=measure,
-                             on_progress=lambda what: status.update(f"measuring: {what}"))
+        report = run_profile(
+            source,
+            seq_lens,
+            batch_size,
+            dev,
+            prec,
+            quick=quick,
+            run_measurements=measure,
+            on_progress=lambda what: status.update(f"measuring: {what}"),
+        )
     text = json.dumps(report, indent=2) + "\n"
     if json_path == "-":
         sys.stdout.write(text)

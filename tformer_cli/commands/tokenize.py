@@ -20,9 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from tformer_cli.commands.help import TformerCommand, TformerGroup, examples
+from tformer_cli.data.pretokenize import pretokenize
+from tformer_cli.data.tokenizer import load_tokenizer, train_tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.pretokenize import pretokenize
-from tformer_cli.tokenizer import load_tokenizer, train_tokenizer
 
 # What `tformer tokenize` alone prints under its help: the first thing to type, then the next.
 QUICKSTART = (
@@ -50,7 +50,9 @@ CORPUS_EXAMPLES = (
 )
 
 app = typer.Typer(
-    cls=TformerGroup, no_args_is_help=True, help="Train, inspect and apply sentencepiece tokenizers.",
+    cls=TformerGroup,
+    no_args_is_help=True,
+    help="Train, inspect and apply sentencepiece tokenizers.",
     epilog=examples(QUICKSTART, "Start here"),
 )
 
@@ -60,12 +62,20 @@ _VISIBLE = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})  # so every pi
 
 @app.command("train", cls=TformerCommand, epilog=examples(TRAIN_EXAMPLES))
 def train(
-    corpus: list[Path] = typer.Argument(..., help="Text files, directories of .txt, or .jsonl with a \"text\" field."),
+    corpus: list[Path] = typer.Argument(
+        ..., help='Text files, directories of .txt, or .jsonl with a "text" field.'
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the .model file."),
     vocab_size: int = typer.Option(8000, "--vocab-size", help="Number of tokens."),
     model_type: str = typer.Option("bpe", "--type", help="bpe, unigram or char."),
-    character_coverage: float = typer.Option(0.9995, "--character-coverage", help="Share of characters given their own token; the rest use byte fallback."),
-    max_sentences: int = typer.Option(2_000_000, "--max-sentences", help="Sample at most this many lines (bounds memory)."),
+    character_coverage: float = typer.Option(
+        0.9995,
+        "--character-coverage",
+        help="Share of characters given their own token; the rest use byte fallback.",
+    ),
+    max_sentences: int = typer.Option(
+        2_000_000, "--max-sentences", help="Sample at most this many lines (bounds memory)."
+    ),
 ) -> None:
     """Train a tokenizer on a corpus (byte fallback, split digits, exact whitespace, chat markers)."""
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
@@ -78,8 +88,15 @@ def train(
             label = "training" if done >= total else "reading corpus"
             bar.update(task, description=label, completed=done, total=total)
 
-        summary = train_tokenizer(corpus, output, vocab_size, model_type, character_coverage,
-                                  max_sentences, progress=on_progress)
+        summary = train_tokenizer(
+            corpus,
+            output,
+            vocab_size,
+            model_type,
+            character_coverage,
+            max_sentences,
+            progress=on_progress,
+        )
     table = Table(title=f"tokenizer: {summary.path}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -102,13 +119,21 @@ def _read_text(text: str | None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TformerError(f"stdin: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise TformerError(
+            f"stdin: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
 
 
 @app.command("encode", cls=TformerCommand, epilog=examples(ENCODE_EXAMPLES))
 def encode(
     text: str = typer.Argument(None, help="Text to encode (stdin when omitted)."),
-    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", metavar="FILE", help="The tokenizer .model file (or a run directory holding one)."),
+    tokenizer: Path = typer.Option(
+        ...,
+        "-t",
+        "--tokenizer",
+        metavar="FILE",
+        help="The tokenizer .model file (or a run directory holding one).",
+    ),
     ids_only: bool = typer.Option(False, "--ids", help="Print only the ids, space separated."),
     as_json: bool = typer.Option(False, "--json", help="Print ids and pieces as JSON."),
 ) -> None:
@@ -121,7 +146,12 @@ def encode(
         return
     pieces = [tok.id_to_piece(i) for i in ids]
     if as_json:
-        typer.echo(json.dumps({"ids": ids, "pieces": pieces, "count": len(ids), "chars": len(text)}, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {"ids": ids, "pieces": pieces, "count": len(ids), "chars": len(text)},
+                ensure_ascii=False,
+            )
+        )
         return
     shown = Text()
     for n, piece in enumerate(pieces):
@@ -140,11 +170,21 @@ def _token_id(word: str) -> int:
 
 
 # ignore_unknown_options: a negative id such as -1 is an id to reject, not an unknown option.
-@app.command("decode", cls=TformerCommand, epilog=examples(DECODE_EXAMPLES),
-             context_settings={"ignore_unknown_options": True})
+@app.command(
+    "decode",
+    cls=TformerCommand,
+    epilog=examples(DECODE_EXAMPLES),
+    context_settings={"ignore_unknown_options": True},
+)
 def decode(
     ids: list[str] = typer.Argument(None, help="Token ids (stdin when omitted)."),
-    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", metavar="FILE", help="The tokenizer .model file (or a run directory holding one)."),
+    tokenizer: Path = typer.Option(
+        ...,
+        "-t",
+        "--tokenizer",
+        metavar="FILE",
+        help="The tokenizer .model file (or a run directory holding one).",
+    ),
 ) -> None:
     """Turn token ids back into text, exactly (`encode --ids | decode` gives the text back)."""
     tok = load_tokenizer(tokenizer)
@@ -158,10 +198,22 @@ def decode(
 
 @app.command("corpus", cls=TformerCommand, epilog=examples(CORPUS_EXAMPLES))
 def corpus(
-    corpus: list[Path] = typer.Argument(..., help="Text files, directories of .txt, or .jsonl files."),
-    tokenizer: Path = typer.Option(..., "-t", "--tokenizer", metavar="FILE", help="The tokenizer .model file (or a run directory holding one)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Directory for train.bin, val.bin and meta.json."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of each file kept for validation."),
+    corpus: list[Path] = typer.Argument(
+        ..., help="Text files, directories of .txt, or .jsonl files."
+    ),
+    tokenizer: Path = typer.Option(
+        ...,
+        "-t",
+        "--tokenizer",
+        metavar="FILE",
+        help="The tokenizer .model file (or a run directory holding one).",
+    ),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Directory for train.bin, val.bin and meta.json."
+    ),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Share of each file kept for validation."
+    ),
 ) -> None:
     """Pre-tokenise a corpus into token files for training."""
     if not 0 <= val_fraction < 1:
@@ -171,8 +223,13 @@ def corpus(
     columns = (TextColumn("tokenising"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("tokenise", total=None)
-        data = pretokenize(corpus, tok, output, val_fraction,
-                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+        data = pretokenize(
+            corpus,
+            tok,
+            output,
+            val_fraction,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     table = Table(title=f"tokens: {output}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")

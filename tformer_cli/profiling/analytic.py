@@ -106,7 +106,9 @@ def six_n(cfg: ModelConfig) -> int:
 # -- memory ----------------------------------------------------------------------------------------
 
 
-def kv_cache_bytes(cfg: ModelConfig, seq_len: int, batch_size: int, elem_bytes: int, kv_heads: int | None = None) -> int:
+def kv_cache_bytes(
+    cfg: ModelConfig, seq_len: int, batch_size: int, elem_bytes: int, kv_heads: int | None = None
+) -> int:
     """2 (keys and values) · n_layers · n_kv_heads · head_dim · T · B · bytes per element."""
     heads = cfg.n_kv_heads if kv_heads is None else kv_heads
     return 2 * cfg.n_layers * heads * cfg.head_dim * seq_len * batch_size * elem_bytes
@@ -124,15 +126,21 @@ def _norm_bytes(cfg: ModelConfig, consumers: int, low: bool) -> int:
     return FP32 * (d + 2) + (consumers * 2 * d if low else FP32 * d)
 
 
-def layer_activation_bytes(cfg: ModelConfig, seq_len: int, precision: str, attention: str = "sdpa") -> int:
+def layer_activation_bytes(
+    cfg: ModelConfig, seq_len: int, precision: str, attention: str = "sdpa"
+) -> int:
     """Bytes one block saves for the backward pass, per token of a length-seq_len sequence."""
     low = precision != "fp32"
     act = 2 if low else FP32
     q_dim, kv_dim, H = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
     qkv_linears = 3
-    total = _norm_bytes(cfg, qkv_linears, low) + _norm_bytes(cfg, 2 if cfg.mlp == "swiglu" else 1, low)
+    total = _norm_bytes(cfg, qkv_linears, low) + _norm_bytes(
+        cfg, 2 if cfg.mlp == "swiglu" else 1, low
+    )
     if attention == "sdpa":
-        total += act * (2 * q_dim + 2 * kv_dim) + FP32 * H  # q, k, v, output, and the row log-sum-exp
+        total += (
+            act * (2 * q_dim + 2 * kv_dim) + FP32 * H
+        )  # q, k, v, output, and the row log-sum-exp
     else:
         # q, k and v repeated to all heads, the output's contiguous copy, and the fp32
         # probabilities (plus their low-precision copy)
@@ -141,7 +149,9 @@ def layer_activation_bytes(cfg: ModelConfig, seq_len: int, precision: str, atten
     return total
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str = "sdpa") -> int:
+def activation_bytes(
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str = "sdpa"
+) -> int:
     """Bytes autograd saves during a training forward pass of B sequences of T tokens."""
     low = precision != "fp32"
     tokens = seq_len * batch_size
@@ -165,7 +175,9 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, batch_size: int, precision:
     return total
 
 
-def training_memory(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str = "sdpa") -> dict[str, int]:
+def training_memory(
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str = "sdpa"
+) -> dict[str, int]:
     """Bytes of a training step with AdamW: fp32 weights, grads, two moments, activations, peak transient.
 
     Mixed precision keeps fp32 master weights (autocast), as `tformer train` does.
@@ -185,13 +197,20 @@ def training_memory(cfg: ModelConfig, seq_len: int, batch_size: int, precision: 
     return parts
 
 
-def inference_workspace_bytes(cfg: ModelConfig, seq_len: int, batch_size: int, elem_bytes: int, attention: str = "sdpa") -> int:
+def inference_workspace_bytes(
+    cfg: ModelConfig, seq_len: int, batch_size: int, elem_bytes: int, attention: str = "sdpa"
+) -> int:
     """Transient bytes of one block during a no-grad prefill of B x T tokens (the largest block's worth).
 
     The residual stream and its norm, q/k/v and their rotated copies, the attention output, and
     the MLP's intermediates; the math path adds the T x T scores and probabilities per head.
     """
-    d, q_dim, kv_dim, h = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    d, q_dim, kv_dim, h = (
+        cfg.dim,
+        cfg.n_heads * cfg.head_dim,
+        cfg.n_kv_heads * cfg.head_dim,
+        cfg.hidden_dim,
+    )
     per_token = 2 * d + 2 * (q_dim + 2 * kv_dim) + q_dim + (3 if cfg.mlp == "swiglu" else 2) * h
     total = seq_len * batch_size * per_token * elem_bytes
     if attention == "math":
@@ -199,7 +218,9 @@ def inference_workspace_bytes(cfg: ModelConfig, seq_len: int, batch_size: int, e
     return total + batch_size * cfg.vocab_size * FP32  # logits of the last position
 
 
-def inference_memory(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str) -> dict[str, int]:
+def inference_memory(
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str
+) -> dict[str, int]:
     """Bytes of generating with a KV cache: weights at the precision, the cache for T tokens, the prefill workspace."""
     b = bytes_per_element(precision)
     parts = {
@@ -217,7 +238,9 @@ def decode_bytes_per_step(cfg: ModelConfig, seq_len: int, batch_size: int, preci
     return matmul_params(cfg) * b + kv_cache_bytes(cfg, seq_len, batch_size, b)
 
 
-def attention_memory(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str) -> int:
+def attention_memory(
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str
+) -> int:
     """Bytes of one attention call, forward + backward: inputs, outputs, gradients and (math) the T x T matrices."""
     b = bytes_per_element(precision)
     H, hd, Hkv = cfg.n_heads, cfg.head_dim, cfg.n_kv_heads

@@ -26,7 +26,9 @@ def largest(fits: Callable[[int], bool], cap: int) -> int:
     return lo
 
 
-def will_it_fit(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, free_bytes: int | None) -> dict[str, Any]:
+def will_it_fit(
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, free_bytes: int | None
+) -> dict[str, Any]:
     """Training and inference needs at (B, T), and the largest B (at T) and T (at B) within the budget."""
     report: dict[str, Any] = {"free_bytes": free_bytes, "headroom": HEADROOM, "budget_bytes": None}
     needs = {
@@ -40,8 +42,12 @@ def will_it_fit(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str,
         entry: dict[str, Any] = {"bytes": need(batch_size, seq_len)}
         if budget is not None:
             entry["fits"] = entry["bytes"] <= budget
-            entry["max_batch_size"] = largest(lambda b, need=need: need(b, seq_len) <= budget, 1 << 20)
-            entry["max_seq_len"] = largest(lambda t, need=need: need(batch_size, t) <= budget, T_CAP)
+            entry["max_batch_size"] = largest(
+                lambda b, need=need: need(b, seq_len) <= budget, 1 << 20
+            )
+            entry["max_seq_len"] = largest(
+                lambda t, need=need: need(batch_size, t) <= budget, T_CAP
+            )
             if not entry["fits"]:
                 notes.append(
                     f"{mode} at batch {batch_size} x {seq_len} tokens needs {entry['bytes'] / 2**30:.2f} GiB, "
@@ -49,7 +55,9 @@ def will_it_fit(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str,
                 )
         report[mode] = entry
     if cfg.pos == "learned":
-        notes.append(f"learned positions stop at max_seq_len {cfg.max_seq_len}, whatever memory allows")
+        notes.append(
+            f"learned positions stop at max_seq_len {cfg.max_seq_len}, whatever memory allows"
+        )
     report["notes"] = notes
     return report
 
@@ -75,7 +83,11 @@ def require_fit(
         return
     fits = largest(lambda b: need(cfg, seq_len, b, precision)["total"] <= budget, batch_size)
     what = "training" if job == "train" else "generating"
-    advice = f"the largest batch that fits is {fits}" if fits else "not even a batch of 1 fits; use a smaller model or --seq-len"
+    advice = (
+        f"the largest batch that fits is {fits}"
+        if fits
+        else "not even a batch of 1 fits; use a smaller model or --seq-len"
+    )
     raise TformerError(
         f"{flag}: {what} {batch_size} x {seq_len} tokens needs about {needed / 2**30:,.1f} GiB but "
         f"{device.type} has {free / 2**30:,.1f} GiB free; {advice}"

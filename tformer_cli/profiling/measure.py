@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from models import Transformer, math_attention
 from models.config import ModelConfig
-from tformer_cli.decode_step import decode_step_for, prepare_for_inference
+from models.decode import decode_step_for, prepare_for_inference
 from tformer_cli.device import DTYPES, matmul_peak_flops
-from tformer_cli.loss import lm_loss
-from tformer_cli.optim import build_optimizer
 from tformer_cli.profiling.memory import PeakMemory, sync
+from tformer_cli.training.loss import lm_loss
+from tformer_cli.training.optim import build_optimizer
 
 Builder = Callable[[], Transformer]
 
@@ -44,14 +44,37 @@ class Effort:
     slow_warmup_counts: bool = False
 
 
-QUICK = Effort(warmup=1, min_reps=2, max_reps=3, budget_s=0.0, decode_steps=12, peak_seconds=0.2, bandwidth_mib=128,
-               long_call_s=1.0, slow_warmup_counts=True)
-FULL = Effort(warmup=1, min_reps=3, max_reps=10, budget_s=4.0, decode_steps=32, peak_seconds=0.5, bandwidth_mib=256,
-              long_call_s=20.0)
+QUICK = Effort(
+    warmup=1,
+    min_reps=2,
+    max_reps=3,
+    budget_s=0.0,
+    decode_steps=12,
+    peak_seconds=0.2,
+    bandwidth_mib=128,
+    long_call_s=1.0,
+    slow_warmup_counts=True,
+)
+FULL = Effort(
+    warmup=1,
+    min_reps=3,
+    max_reps=10,
+    budget_s=4.0,
+    decode_steps=32,
+    peak_seconds=0.5,
+    bandwidth_mib=256,
+    long_call_s=20.0,
+)
 
 
-def time_runs(fn: Callable[[], Any], device: torch.device, effort: Effort, warmup: int | None = None,
-              min_reps: int | None = None, mem: PeakMemory | None = None) -> list[float]:
+def time_runs(
+    fn: Callable[[], Any],
+    device: torch.device,
+    effort: Effort,
+    warmup: int | None = None,
+    min_reps: int | None = None,
+    mem: PeakMemory | None = None,
+) -> list[float]:
     """Seconds of each timed call of fn, after the warm-up calls (whose peak memory mem forgets)."""
     least = effort.min_reps if min_reps is None else min_reps
     for _ in range(effort.warmup if warmup is None else warmup):
@@ -76,7 +99,9 @@ def time_runs(fn: Callable[[], Any], device: torch.device, effort: Effort, warmu
     return times
 
 
-def _random_tokens(cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+def _random_tokens(
+    cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)  # the global RNG stays untouched
     return torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
 
@@ -94,7 +119,9 @@ def measure_bandwidth(device: torch.device, effort: Effort) -> float:
     n = effort.bandwidth_mib * 2**20 // 4 * (4 if device.type == "cuda" else 1)
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    times = time_runs(lambda: dst.copy_(src), device, effort, warmup=1, min_reps=max(3, effort.min_reps))
+    times = time_runs(
+        lambda: dst.copy_(src), device, effort, warmup=1, min_reps=max(3, effort.min_reps)
+    )
     return 2 * src.nbytes / statistics.median(times)
 
 
@@ -104,8 +131,18 @@ def warm_up(cfg: ModelConfig, device: torch.device, precision: str) -> None:
     Kernels, thread pools and library code get loaded now, so the memory measured later is
     the workload's and not the runtime's first-use cost.
     """
-    small = cfg.replace(n_layers=1, vocab_size=min(cfg.vocab_size, 512), max_seq_len=max(cfg.max_seq_len, 32))
-    effort = Effort(warmup=0, min_reps=1, max_reps=1, budget_s=0.0, decode_steps=2, peak_seconds=0.0, bandwidth_mib=1)
+    small = cfg.replace(
+        n_layers=1, vocab_size=min(cfg.vocab_size, 512), max_seq_len=max(cfg.max_seq_len, 32)
+    )
+    effort = Effort(
+        warmup=0,
+        min_reps=1,
+        max_reps=1,
+        budget_s=0.0,
+        decode_steps=2,
+        peak_seconds=0.0,
+        bandwidth_mib=1,
+    )
 
     def build() -> Transformer:
         return Transformer(small)
@@ -119,8 +156,15 @@ def warm_up(cfg: ModelConfig, device: torch.device, precision: str) -> None:
 # -- workloads ---------------------------------------------------------------------------------------
 
 
-def measure_training(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: int, device: torch.device,
-                     precision: str, effort: Effort) -> dict[str, Any]:
+def measure_training(
+    cfg: ModelConfig,
+    build: Builder,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    effort: Effort,
+) -> dict[str, Any]:
     """One optimizer step as `tformer train` takes it: autocast forward, loss, backward, clip, AdamW."""
     with PeakMemory(device) as mem:
         times = _time_training(cfg, build, seq_len, batch_size, device, precision, effort, mem)
@@ -134,8 +178,16 @@ def measure_training(cfg: ModelConfig, build: Builder, seq_len: int, batch_size:
     }
 
 
-def _time_training(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: int, device: torch.device,
-                   precision: str, effort: Effort, mem: PeakMemory) -> list[float]:
+def _time_training(
+    cfg: ModelConfig,
+    build: Builder,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    effort: Effort,
+    mem: PeakMemory,
+) -> list[float]:
     # everything built here is freed on return, inside the caller's memory window
     model = build().to(device).train()
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)
@@ -144,7 +196,11 @@ def _time_training(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: i
     y = _random_tokens(cfg, batch_size, seq_len, device, seed=2)
 
     def step() -> None:
-        amp = torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+        amp = (
+            torch.autocast(device.type, dtype=DTYPES[precision])
+            if precision != "fp32"
+            else contextlib.nullcontext()
+        )
         with amp:
             loss = lm_loss(model, x, y)
         scaler.scale(loss).backward()
@@ -157,8 +213,15 @@ def _time_training(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: i
     return time_runs(step, device, effort, mem=mem)
 
 
-def measure_inference(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: int, device: torch.device,
-                      precision: str, effort: Effort) -> dict[str, Any]:
+def measure_inference(
+    cfg: ModelConfig,
+    build: Builder,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    effort: Effort,
+) -> dict[str, Any]:
     """Prefill, cached decoding and uncached decoding at context length T, as `tformer generate` runs them.
 
     Weights are cast to the precision and fused for decoding (prepare_for_inference). A cached
@@ -169,7 +232,9 @@ def measure_inference(cfg: ModelConfig, build: Builder, seq_len: int, batch_size
         prefill_times, no_cache_times, decode_times, fused = _time_inference(
             cfg, build, seq_len, batch_size, device, precision, effort, mem
         )
-    prefill_s, no_cache_s, decode_s = (statistics.median(t) for t in (prefill_times, no_cache_times, decode_times))
+    prefill_s, no_cache_s, decode_s = (
+        statistics.median(t) for t in (prefill_times, no_cache_times, decode_times)
+    )
     return {
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": batch_size * seq_len / prefill_s,
@@ -178,15 +243,27 @@ def measure_inference(cfg: ModelConfig, build: Builder, seq_len: int, batch_size
         "decode_no_cache_step_s": no_cache_s,
         "decode_tokens_per_s_no_cache": batch_size / no_cache_s,
         "decode_fused": fused,
-        "reps": {"prefill": len(prefill_times), "decode": len(decode_times), "no_cache": len(no_cache_times)},
+        "reps": {
+            "prefill": len(prefill_times),
+            "decode": len(decode_times),
+            "no_cache": len(no_cache_times),
+        },
         "peak_memory_bytes": mem.peak,
         "memory_method": mem.method,
     }
 
 
 @torch.inference_mode()
-def _time_inference(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: int, device: torch.device,
-                    precision: str, effort: Effort, mem: PeakMemory) -> tuple[list[float], list[float], list[float], bool]:
+def _time_inference(
+    cfg: ModelConfig,
+    build: Builder,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    effort: Effort,
+    mem: PeakMemory,
+) -> tuple[list[float], list[float], list[float], bool]:
     model = prepare_for_inference(build().to(device=device, dtype=DTYPES[precision]).eval())
     cache = model.new_cache(batch_size, seq_len)
     idx = _random_tokens(cfg, batch_size, seq_len, device)
@@ -200,8 +277,9 @@ def _time_inference(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: 
 
     prefill_times = time_runs(prefill, device, effort, mem=mem)
     # prefill warmed the same kernels up; the uncached step is the same forward without the cache
-    no_cache_times = time_runs(no_cache_step, device, effort, warmup=0,
-                               min_reps=min(effort.min_reps, len(prefill_times)))
+    no_cache_times = time_runs(
+        no_cache_step, device, effort, warmup=0, min_reps=min(effort.min_reps, len(prefill_times))
+    )
 
     step_fn = decode_step_for(model)
     token = idx[:, -1]
@@ -225,17 +303,36 @@ def _time_inference(cfg: ModelConfig, build: Builder, seq_len: int, batch_size: 
     return prefill_times, no_cache_times, decode_times, step_fn is not None
 
 
-def measure_attention(cfg: ModelConfig, seq_len: int, batch_size: int, device: torch.device, precision: str,
-                      impl: str, effort: Effort) -> dict[str, Any]:
+def measure_attention(
+    cfg: ModelConfig,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    impl: str,
+    effort: Effort,
+) -> dict[str, Any]:
     """One layer's attention, forward + backward, with the fused kernel ("sdpa") or the explicit T x T path ("math")."""
     with PeakMemory(device) as mem:
         times = _time_attention(cfg, seq_len, batch_size, device, precision, impl, effort, mem)
-    return {"seconds": statistics.median(times), "reps": len(times), "peak_memory_bytes": mem.peak,
-            "memory_method": mem.method}
+    return {
+        "seconds": statistics.median(times),
+        "reps": len(times),
+        "peak_memory_bytes": mem.peak,
+        "memory_method": mem.method,
+    }
 
 
-def _time_attention(cfg: ModelConfig, seq_len: int, batch_size: int, device: torch.device, precision: str,
-                    impl: str, effort: Effort, mem: PeakMemory) -> list[float]:
+def _time_attention(
+    cfg: ModelConfig,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    impl: str,
+    effort: Effort,
+    mem: PeakMemory,
+) -> list[float]:
     dtype = DTYPES[precision]
     gen = torch.Generator().manual_seed(3)
     H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

@@ -52,7 +52,9 @@ def _reset_peak_rss() -> bool:
 
 def _ru_maxrss() -> int:
     # Linux reports KiB, macOS bytes
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024
+    )
 
 
 def sync(device: torch.device) -> None:

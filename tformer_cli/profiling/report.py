@@ -34,24 +34,50 @@ def _noop(message: str) -> None:
 class _Runner:
     """Runs measurements that fit in memory and time; records why the others were skipped."""
 
-    def __init__(self, device: torch.device, effort: measure.Effort, time_cap: float, on_progress: Callable[[str], None]):
-        self.device, self.effort, self.time_cap, self.on_progress = device, effort, time_cap, on_progress
+    def __init__(
+        self,
+        device: torch.device,
+        effort: measure.Effort,
+        time_cap: float,
+        on_progress: Callable[[str], None],
+    ):
+        self.device, self.effort, self.time_cap, self.on_progress = (
+            device,
+            effort,
+            time_cap,
+            on_progress,
+        )
         self.skipped: list[dict[str, str]] = []
         self.peak_flops: float | None = None
 
-    def run(self, what: str, need_bytes: int, flops: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    def run(
+        self, what: str, need_bytes: int, flops: float, fn: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any] | None:
         free = available_memory(self.device)
         if free is not None and need_bytes > free * HEADROOM:
-            return self.skip(what, f"needs ~{_gib(need_bytes)} by the analytic model, {_gib(free)} is free")
+            return self.skip(
+                what, f"needs ~{_gib(need_bytes)} by the analytic model, {_gib(free)} is free"
+            )
         if self.peak_flops:
             per_call = flops / self.peak_flops
             slow = per_call > self.effort.long_call_s
-            calls = 1 if slow and self.effort.slow_warmup_counts else self.effort.warmup + (1 if slow else self.effort.min_reps)
+            calls = (
+                1
+                if slow and self.effort.slow_warmup_counts
+                else self.effort.warmup + (1 if slow else self.effort.min_reps)
+            )
             at_least = per_call * calls
             if at_least > self.time_cap:
-                advice = "run without --quick or pick a smaller T" if self.effort.slow_warmup_counts else "pick a smaller T"
-                return self.skip(what, f"would take over {at_least:.0f} s even at the measured matmul peak "
-                                       f"(the cap is {self.time_cap:.0f} s; {advice})")
+                advice = (
+                    "run without --quick or pick a smaller T"
+                    if self.effort.slow_warmup_counts
+                    else "pick a smaller T"
+                )
+                return self.skip(
+                    what,
+                    f"would take over {at_least:.0f} s even at the measured matmul peak "
+                    f"(the cap is {self.time_cap:.0f} s; {advice})",
+                )
         self.on_progress(what)
         try:
             return fn()
@@ -71,7 +97,9 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def analytic_figures(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str) -> dict[str, Any]:
+def analytic_figures(
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str
+) -> dict[str, Any]:
     """Everything the config alone says about cost at (B, T): parameters, FLOPs, memory."""
     b = analytic.bytes_per_element(precision)
     counts = analytic.param_counts(cfg)
@@ -105,7 +133,9 @@ def analytic_figures(cfg: ModelConfig, seq_len: int, batch_size: int, precision:
         "train_memory": analytic.training_memory(cfg, seq_len, batch_size, precision),
         "train_memory_math": analytic.training_memory(cfg, seq_len, batch_size, precision, "math"),
         "inference_memory": analytic.inference_memory(cfg, seq_len, batch_size, precision),
-        "decode_bytes_per_step": analytic.decode_bytes_per_step(cfg, seq_len, batch_size, precision),
+        "decode_bytes_per_step": analytic.decode_bytes_per_step(
+            cfg, seq_len, batch_size, precision
+        ),
     }
 
 
@@ -148,7 +178,9 @@ def profile(
     runner = _Runner(device, effort, TIME_CAP_S["quick" if quick else "full"], on_progress)
     measured: dict[str, Any] = {}
     if run_measurements:
-        measured = _measure(source, seq_lens, batch_size, device, precision, effort, runner, notes, report)
+        measured = _measure(
+            source, seq_lens, batch_size, device, precision, effort, runner, notes, report
+        )
     report.update(_headline(report, measured))
     report["measured"] = measured
     report["scaling"] = _scaling(cfg, seq_lens, batch_size, precision, measured)
@@ -157,24 +189,40 @@ def profile(
     return report
 
 
-def _measure(source: ModelSource, seq_lens: list[int], batch_size: int, device: torch.device, precision: str,
-             effort: measure.Effort, runner: _Runner, notes: list[str], report: dict[str, Any]) -> dict[str, Any]:
+def _measure(
+    source: ModelSource,
+    seq_lens: list[int],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    effort: measure.Effort,
+    runner: _Runner,
+    notes: list[str],
+    report: dict[str, Any],
+) -> dict[str, Any]:
     cfg = source.config
     T = seq_lens[-1]
     if device.type == "cpu" and precision != "fp32" and not cpu_has_fast_bf16():
-        notes.append(f"this CPU has no bf16 matrix units (AVX512-BF16/AMX): {precision} runs far slower "
-                     "than fp32 here; --precision auto picks fp32")
+        notes.append(
+            f"this CPU has no bf16 matrix units (AVX512-BF16/AMX): {precision} runs far slower "
+            "than fp32 here; --precision auto picks fp32"
+        )
     runnable = [t for t in seq_lens if t <= cfg.max_seq_len or cfg.pos != "learned"]
     for t in seq_lens:
         if t not in runnable:
-            runner.skip(f"measurements at T={t}", f"learned position embeddings stop at max_seq_len "
-                                                  f"{cfg.max_seq_len}; the analytic figures still hold")
+            runner.skip(
+                f"measurements at T={t}",
+                f"learned position embeddings stop at max_seq_len "
+                f"{cfg.max_seq_len}; the analytic figures still hold",
+            )
     if not runnable:
         return {}
     longest = max(runnable)
     if longest > cfg.max_seq_len:
-        notes.append(f"max_seq_len raised from {cfg.max_seq_len} to {longest} for the measurements "
-                     f"({cfg.pos} positions extend to any length; no weight changes shape)")
+        notes.append(
+            f"max_seq_len raised from {cfg.max_seq_len} to {longest} for the measurements "
+            f"({cfg.pos} positions extend to any length; no weight changes shape)"
+        )
 
     def build() -> torch.nn.Module:
         return source.build(max_seq_len=longest)
@@ -197,29 +245,51 @@ def _measure(source: ModelSource, seq_lens: list[int], batch_size: int, device: 
     for t in sorted(runnable, reverse=True):  # the headline T first: if time runs short, it is done
         need = analytic.training_memory(cfg, t, batch_size, precision)["total"]
         flops = analytic.flop_split(cfg, t).training * t * batch_size
-        result = runner.run(f"training step at T={t}", need, flops,
-                            lambda t=t: measure.measure_training(cfg, build, t, batch_size, device, precision, effort))
+        result = runner.run(
+            f"training step at T={t}",
+            need,
+            flops,
+            lambda t=t: measure.measure_training(
+                cfg, build, t, batch_size, device, precision, effort
+            ),
+        )
         if result is not None:
             result["mfu"] = result["tokens_per_s"] * analytic.flop_split(cfg, t).training / peak
             out["train"][str(t)] = result
     if any(r["mfu"] > 1 for r in out["train"].values()):
-        notes.append(f"MFU above 100%: the model's matmuls ran faster than the {precision} peak measured on "
-                     "1024 x 1024 matrices, so that figure is no ceiling for this device at this precision")
+        notes.append(
+            f"MFU above 100%: the model's matmuls ran faster than the {precision} peak measured on "
+            "1024 x 1024 matrices, so that figure is no ceiling for this device at this precision"
+        )
     if T in runnable:
         need = analytic.inference_memory(cfg, T, batch_size, precision)["total"]
-        flops = 2 * analytic.flop_split(cfg, T).forward * T * batch_size  # a prefill and an uncached step, per call
-        out["inference"] = runner.run(f"prefill and decoding at T={T}", need, flops,
-                                      lambda: measure.measure_inference(cfg, build, T, batch_size, device, precision, effort))
+        flops = (
+            2 * analytic.flop_split(cfg, T).forward * T * batch_size
+        )  # a prefill and an uncached step, per call
+        out["inference"] = runner.run(
+            f"prefill and decoding at T={T}",
+            need,
+            flops,
+            lambda: measure.measure_inference(cfg, build, T, batch_size, device, precision, effort),
+        )
         for impl in analytic.ATTENTION_IMPLS:
             need = analytic.attention_memory(cfg, T, batch_size, precision, impl)
             if impl == "math" and effort is measure.QUICK and need > QUICK_MATH_BYTES:
                 out["attention"][impl] = runner.skip(
-                    f"math attention at T={T}", f"its T x T matrices take ~{_gib(need)} and are slow to "
-                                                "measure; run without --quick to include it")
+                    f"math attention at T={T}",
+                    f"its T x T matrices take ~{_gib(need)} and are slow to "
+                    "measure; run without --quick to include it",
+                )
                 continue
             flops = 3 * analytic.score_flops_per_position(cfg) / cfg.n_layers * T * T * batch_size
-            res = runner.run(f"{impl} attention at T={T}", need, flops,
-                             lambda impl=impl: measure.measure_attention(cfg, T, batch_size, device, precision, impl, effort))
+            res = runner.run(
+                f"{impl} attention at T={T}",
+                need,
+                flops,
+                lambda impl=impl: measure.measure_attention(
+                    cfg, T, batch_size, device, precision, impl, effort
+                ),
+            )
             out["attention"][impl] = res
     done = [r for r in (*out["train"].values(), out["inference"]) if r]
     out["memory_method"] = done[0]["memory_method"] if done else None
@@ -240,7 +310,9 @@ def _headline(report: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any
         "prefill_tokens_per_s": inf["prefill_tokens_per_s"] if inf else None,
         "decode_tokens_per_s": inf["decode_tokens_per_s"] if inf else None,
         "decode_tokens_per_s_no_cache": inf["decode_tokens_per_s_no_cache"] if inf else None,
-        "decode_cache_speedup": inf["decode_tokens_per_s"] / inf["decode_tokens_per_s_no_cache"] if inf else None,
+        "decode_cache_speedup": inf["decode_tokens_per_s"] / inf["decode_tokens_per_s_no_cache"]
+        if inf
+        else None,
         "inference_peak_memory_bytes": inf["peak_memory_bytes"] if inf else None,
         "decode_bandwidth_bytes_per_s": None,
         "decode_bandwidth_utilization": None,
@@ -249,13 +321,21 @@ def _headline(report: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any
         achieved = report["decode_bytes_per_step"] / inf["decode_step_s"]
         out["decode_bandwidth_bytes_per_s"] = achieved
         if measured.get("memory_bandwidth_bytes_per_s"):
-            out["decode_bandwidth_utilization"] = achieved / measured["memory_bandwidth_bytes_per_s"]
-    peaks = [p for p in (out["train_peak_memory_bytes"], out["inference_peak_memory_bytes"]) if p is not None]
+            out["decode_bandwidth_utilization"] = (
+                achieved / measured["memory_bandwidth_bytes_per_s"]
+            )
+    peaks = [
+        p
+        for p in (out["train_peak_memory_bytes"], out["inference_peak_memory_bytes"])
+        if p is not None
+    ]
     out["peak_memory_bytes"] = max(peaks) if peaks else None
     return out
 
 
-def _scaling(cfg: ModelConfig, seq_lens: list[int], batch_size: int, precision: str, measured: dict[str, Any]) -> list[dict[str, Any]]:
+def _scaling(
+    cfg: ModelConfig, seq_lens: list[int], batch_size: int, precision: str, measured: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Per T: analytic FLOPs and memory next to the measured training step.
 
     predicted_step_s scales the step measured at the longest T by the ratio of analytic FLOPs:
@@ -275,8 +355,12 @@ def _scaling(cfg: ModelConfig, seq_lens: list[int], batch_size: int, precision: 
             "flops_per_step": step_flops,
             "attention_flops_share": split.attention_share,
             "train_memory_bytes": analytic.training_memory(cfg, t, batch_size, precision)["total"],
-            "train_memory_bytes_math": analytic.training_memory(cfg, t, batch_size, precision, "math")["total"],
-            "kv_cache_bytes": analytic.kv_cache_bytes(cfg, t, batch_size, analytic.bytes_per_element(precision)),
+            "train_memory_bytes_math": analytic.training_memory(
+                cfg, t, batch_size, precision, "math"
+            )["total"],
+            "kv_cache_bytes": analytic.kv_cache_bytes(
+                cfg, t, batch_size, analytic.bytes_per_element(precision)
+            ),
             "train_step_s": got["step_s"] if got else None,
             "train_tokens_per_s": got["tokens_per_s"] if got else None,
             "mfu": got["mfu"] if got else None,
@@ -285,6 +369,10 @@ def _scaling(cfg: ModelConfig, seq_lens: list[int], batch_size: int, precision: 
         }
         if ref is not None:
             t0, r0 = ref
-            row["predicted_step_s"] = r0["step_s"] * step_flops / (analytic.flop_split(cfg, t0).training * t0 * batch_size)
+            row["predicted_step_s"] = (
+                r0["step_s"]
+                * step_flops
+                / (analytic.flop_split(cfg, t0).training * t0 * batch_size)
+            )
         rows.append(row)
     return rows

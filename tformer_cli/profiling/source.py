@@ -11,9 +11,9 @@ import torch
 from models import CheckpointError, ConfigError, ModelConfig, Transformer, get_preset
 from models.weights import WEIGHTS_FILE, load_config, load_weights
 from tformer_cli.errors import TformerError
-from tformer_cli.model_path import resolve_model_path
-from tformer_cli.rundir import is_hf_dir
-from tformer_cli.train_config import DEFAULT_PRESET, read_settings_file
+from tformer_cli.runs.locate import resolve_model_path
+from tformer_cli.runs.rundir import is_hf_dir
+from tformer_cli.training.config import DEFAULT_PRESET, read_settings_file
 
 
 @dataclass
@@ -32,7 +32,9 @@ class ModelSource:
         """The network, its context window raised to max_seq_len if given; a run's own weights, else a seeded init."""
         cfg = self.config
         if max_seq_len is not None and max_seq_len > cfg.max_seq_len:
-            cfg = cfg.replace(max_seq_len=max_seq_len)  # rope/sinusoidal tables only: no weight changes shape
+            cfg = cfg.replace(
+                max_seq_len=max_seq_len
+            )  # rope/sinusoidal tables only: no weight changes shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = Transformer(cfg)
@@ -41,7 +43,7 @@ class ModelSource:
             if (self.path / WEIGHTS_FILE).is_file() and not is_hf_dir(self.path):
                 load_weights(model, self.path / WEIGHTS_FILE)
             else:  # a LoRA fine-tune (its base + the adapter) or a Hugging Face directory
-                from tformer_cli.rundir import load_run_model
+                from tformer_cli.runs.rundir import load_run_model
 
                 loaded, _ = load_run_model(self.path)
                 model.load_state_dict(loaded.state_dict())
@@ -56,7 +58,9 @@ def checkpoint_param_count(path: Path) -> int:
         with safe_open(str(path), framework="pt") as f:
             return sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated"
+        ) from None
 
 
 def _numel(shape: list[int]) -> int:
@@ -70,16 +74,18 @@ def from_run(path: Path) -> ModelSource:
     """What --model names (see model_path): its config, and the parameter count of its weights."""
     path = resolve_model_path(path, tokenizer=False)  # profiling reads no text
     if is_hf_dir(path):
-        from tformer_cli.import_hf import check_hf_llama, hf_weight_files
+        from tformer_cli.interop.hf_import import check_hf_llama, hf_weight_files
 
         count = sum(checkpoint_param_count(f) for f in hf_weight_files(path))
-        return ModelSource(check_hf_llama(path), "run", str(path), path=path, checkpoint_params=count)
+        return ModelSource(
+            check_hf_llama(path), "run", str(path), path=path, checkpoint_params=count
+        )
     cfg = load_config(path)
     weights = path / WEIGHTS_FILE
     if weights.is_file():
         count = checkpoint_param_count(weights)
     else:
-        from tformer_cli.rundir import load_run_model
+        from tformer_cli.runs.rundir import load_run_model
 
         count = sum(p.numel() for p in load_run_model(path)[0].parameters())
     return ModelSource(cfg, "run", str(path), path=path, checkpoint_params=count)
@@ -106,7 +112,9 @@ def from_config_file(path: Path) -> ModelSource:
     data = _read_file(path)
     unknown = sorted(set(data) - {"model", "preset", "train"})
     if unknown:
-        raise TformerError(f"{path}: unknown key(s) {', '.join(unknown)}; put ModelConfig fields in a [model] table")
+        raise TformerError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; put ModelConfig fields in a [model] table"
+        )
     fields = data.get("model", {})
     if not isinstance(fields, dict):
         raise TformerError(f"{path}: [model] must be a table of ModelConfig fields")
@@ -120,9 +128,15 @@ def from_config_file(path: Path) -> ModelSource:
     return ModelSource(cfg, "config", label, path=path)
 
 
-def resolve_source(model_dir: Path | None, preset: str | None, config_file: Path | None) -> ModelSource:
+def resolve_source(
+    model_dir: Path | None, preset: str | None, config_file: Path | None
+) -> ModelSource:
     """At most one of -m, --preset, --config; none profiles the default preset of `tformer train`."""
-    given = [name for name, v in (("-m/--model", model_dir), ("--preset", preset), ("--config", config_file)) if v]
+    given = [
+        name
+        for name, v in (("-m/--model", model_dir), ("--preset", preset), ("--config", config_file))
+        if v
+    ]
     if len(given) > 1:
         raise TformerError(
             "tformer profile takes exactly one of -m RUN_DIR, --preset NAME or --config FILE, or none "

@@ -24,7 +24,9 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, len(self.tokens) - self.seq_len, size=batch_size)
 
-    def batch(self, step: int, batch_size: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, step: int, batch_size: int, part: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape (n, seq_len) for the rows `part` of step's global batch; y is x shifted by one."""
         rows = [self.tokens[o : o + self.seq_len + 1] for o in self.offsets(step, batch_size)[part]]
         data = torch.from_numpy(np.stack(rows).astype(np.int64))

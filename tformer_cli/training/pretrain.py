@@ -38,27 +38,27 @@ from models.weights import (
     save_state,
 )
 from tformer_cli import __version__
-from tformer_cli.batches import BatchSampler
-from tformer_cli.corpus import check_corpus_text, resolve_corpus
+from tformer_cli.data.batches import BatchSampler
+from tformer_cli.data.corpus import check_corpus_text, resolve_corpus
+from tformer_cli.data.pretokenize import TokenData, pretokenize_cached
+from tformer_cli.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from tformer_cli.device import DTYPES, matmul_peak_flops, resolve_device, resolve_precision
-from tformer_cli.distributed import DistInfo, init_distributed, shutdown_distributed
 from tformer_cli.errors import TformerError
-from tformer_cli.loss import lm_loss
-from tformer_cli.model_path import DEFAULT_RUNS_DIR
-from tformer_cli.optim import build_optimizer, default_warmup, lr_at
-from tformer_cli.pretokenize import TokenData, pretokenize_cached
 from tformer_cli.profiling.fit import require_fit
-from tformer_cli.run_target import (
+from tformer_cli.runs.locate import DEFAULT_RUNS_DIR
+from tformer_cli.runs.rundir import BEST_DIR, METRICS_FILE, TOKENIZER_FILE, TRAIN_STATE_DIR
+from tformer_cli.runs.target import (
     RUN_CARD_FILE,
     check_run_dir_use,
     claim_run_dir,
     clear_run_dir,
     refuse_output_over_inputs,
 )
-from tformer_cli.rundir import BEST_DIR, METRICS_FILE, TOKENIZER_FILE, TRAIN_STATE_DIR
-from tformer_cli.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from tformer_cli.train_config import TrainConfig, default_vocab_size
-from tformer_cli.train_state import load_train_state, restore_rng, save_train_state
+from tformer_cli.training.config import TrainConfig, default_vocab_size
+from tformer_cli.training.distributed import DistInfo, init_distributed, shutdown_distributed
+from tformer_cli.training.loss import lm_loss
+from tformer_cli.training.optim import build_optimizer, default_warmup, lr_at
+from tformer_cli.training.state import load_train_state, restore_rng, save_train_state
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -102,15 +102,21 @@ class LoopSpec:
     """What the loop trains and how it saves: pretraining and fine-tuning differ only here."""
 
     model_cfg: ModelConfig
-    build_model: Callable[[], torch.nn.Module]  # called after seeding; trainable parameters require grad
+    build_model: Callable[
+        [], torch.nn.Module
+    ]  # called after seeding; trainable parameters require grad
     train_batches: Any  # .batch(step, batch_size, rows) -> (x, y), y = IGNORE where no loss
     val_batches: Any
     seq_len: int
-    save_weights: Callable[[dict[str, torch.Tensor], Path, dict[str, Any]], None]  # the inference files
+    save_weights: Callable[
+        [dict[str, torch.Tensor], Path, dict[str, Any]], None
+    ]  # the inference files
     info: dict[str, Any]  # extra config.json fields
     bytes_per_token: float | None = None  # for bits per byte; None where it means nothing
     label: str | None = None  # what the run card calls the model (default: the preset)
-    started: float = field(default_factory=time.perf_counter)  # when the command began: --time counts from here
+    started: float = field(
+        default_factory=time.perf_counter
+    )  # when the command began: --time counts from here
 
 
 def _noop(kind: str, data: dict[str, Any]) -> None:
@@ -124,7 +130,12 @@ STAGED_TOKENIZER = ".tokenizer.model.staged.tmp"  # a temporary name: a retry cl
 
 
 def prepare_tokenizer(
-    cfg: TrainConfig, corpus: list[Path], run_dir: Path, resume: bool, dist: DistInfo, on_event: Event
+    cfg: TrainConfig,
+    corpus: list[Path],
+    run_dir: Path,
+    resume: bool,
+    dist: DistInfo,
+    on_event: Event,
 ) -> Tokenizer:
     """The run's tokenizer: the resumed run's, the one given, or one trained on the corpus.
 
@@ -143,21 +154,37 @@ def prepare_tokenizer(
             vocab = cfg.vocab_size or default_vocab_size(_bytes(corpus))
             on_event("tokenizer_start", {"vocab_size": vocab})
             summary = train_tokenizer(corpus, staged, vocab_size=vocab)
-            on_event("tokenizer_done", {"vocab_size": summary.vocab_size, "seconds": summary.seconds})
+            on_event(
+                "tokenizer_done", {"vocab_size": summary.vocab_size, "seconds": summary.seconds}
+            )
     dist.barrier()
     return load_tokenizer(staged)
 
 
 def prepare_data(
-    corpus: list[Path], tok: Tokenizer, cache_dir: Path, cfg: TrainConfig, dist: DistInfo, on_event: Event
+    corpus: list[Path],
+    tok: Tokenizer,
+    cache_dir: Path,
+    cfg: TrainConfig,
+    dist: DistInfo,
+    on_event: Event,
 ) -> TokenData:
     """The pre-tokenised corpus, from the cache when this corpus and tokenizer were seen before."""
     data = None
     if dist.is_main:
         progress = lambda done, total: on_event("tokenize_progress", {"done": done, "total": total})  # noqa: E731
-        data, hit = pretokenize_cached(corpus, tok, cache_dir, cfg.val_fraction, progress=progress,
-                                       notice=lambda message: on_event("notice", {"message": message}))
-        on_event("data", {"train_tokens": data.train_tokens, "val_tokens": data.val_tokens, "cached": hit})
+        data, hit = pretokenize_cached(
+            corpus,
+            tok,
+            cache_dir,
+            cfg.val_fraction,
+            progress=progress,
+            notice=lambda message: on_event("notice", {"message": message}),
+        )
+        on_event(
+            "data",
+            {"train_tokens": data.train_tokens, "val_tokens": data.val_tokens, "cached": hit},
+        )
     dist.barrier()
     if data is None:
         data, _ = pretokenize_cached(corpus, tok, cache_dir, cfg.val_fraction)
@@ -184,8 +211,13 @@ def check_model_matches(run_dir: Path, model_cfg: ModelConfig) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, sampler: BatchSampler, batches: int, batch_size: int, device: torch.device,
-    autocast: Callable[[], Any], dist: DistInfo,
+    model: torch.nn.Module,
+    sampler: BatchSampler,
+    batches: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    dist: DistInfo,
 ) -> float:
     """Mean loss over fixed validation windows (the same ones at every eval)."""
     model.eval()
@@ -204,10 +236,16 @@ def check_finite(loss: float, grad_norm: float, state: RunState) -> None:
     """Raise TrainingDiverged naming what became NaN or infinite (the loss or the gradients)."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
-    kept = (f"the last good checkpoint (step {state.last_saved_step}) is kept"
-            if state.last_saved_step >= 0 else "nothing was saved")
-    what = (f"the loss became {loss}" if not math.isfinite(loss)
-            else f"the gradient norm became {grad_norm} (loss {loss:.4f})")
+    kept = (
+        f"the last good checkpoint (step {state.last_saved_step}) is kept"
+        if state.last_saved_step >= 0
+        else "nothing was saved"
+    )
+    what = (
+        f"the loss became {loss}"
+        if not math.isfinite(loss)
+        else f"the gradient norm became {grad_norm} (loss {loss:.4f})"
+    )
     raise TrainingDiverged(
         f"{what} at step {state.step + 1}; {kept}; try a lower --lr (or --precision fp32)"
     )
@@ -227,7 +265,11 @@ def _trim_metrics(path: Path, last_step: int, on_event: Event) -> None:
     """
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    lines = [
+        line
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if line.strip()
+    ]
     kept = []
     for n, line in enumerate(lines, start=1):
         try:
@@ -235,7 +277,12 @@ def _trim_metrics(path: Path, last_step: int, on_event: Event) -> None:
             step = record["step"]
         except (ValueError, KeyError, TypeError):
             if n == len(lines):
-                on_event("notice", {"message": f"{path}: dropped a torn last line (line {n}), as a crash leaves it"})
+                on_event(
+                    "notice",
+                    {
+                        "message": f"{path}: dropped a torn last line (line {n}), as a crash leaves it"
+                    },
+                )
                 break
             raise TformerError(
                 f"{path}:{n}: not a metrics record; remove that line (or the file) to resume"
@@ -293,17 +340,28 @@ def train(
         if dist.is_main:
             check_corpus_text(corpus)
             given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and not resume else None
-            vocab = given.vocab_size if given else cfg.vocab_size or default_vocab_size(_bytes(corpus))
+            vocab = (
+                given.vocab_size if given else cfg.vocab_size or default_vocab_size(_bytes(corpus))
+            )
             expected = cfg.model_config(vocab)  # the model this run will build (its vocab, exactly)
             check_batch_fits(cfg, expected, cfg.context(expected), precision, device, dist)
             target = claim_run_dir(run_dir, corpus_paths, resume, overwrite, runs_root)
             check_run_dir_use(target.path, resume, overwrite)
             if not resume:
-                refuse_output_over_inputs(target.path, [*corpus, *([cfg.tokenizer] if cfg.tokenizer else [])])
+                refuse_output_over_inputs(
+                    target.path, [*corpus, *([cfg.tokenizer] if cfg.tokenizer else [])]
+                )
             chosen = str(target.path)
-            on_event("run_dir", {"path": chosen, "how": target.how, "auto": target.auto,
-                                 "previous": str(target.previous) if target.previous else None,
-                                 "corpus": _corpus_label(corpus_paths[0])})
+            on_event(
+                "run_dir",
+                {
+                    "path": chosen,
+                    "how": target.how,
+                    "auto": target.auto,
+                    "previous": str(target.previous) if target.previous else None,
+                    "corpus": _corpus_label(corpus_paths[0]),
+                },
+            )
         run_dir = Path(dist.broadcast_text(chosen, device))  # every rank reads from rank 0's choice
         dist.barrier()
         tok = prepare_tokenizer(cfg, corpus, run_dir, resume, dist, on_event)
@@ -319,7 +377,9 @@ def train(
             if staged is not None:
                 atomic_write_bytes(run_dir / TOKENIZER_FILE, staged)
         dist.barrier()
-        card = run_loop(cfg, spec, tok, run_dir, device, precision, dist, resume, on_event, stop, sampler)
+        card = run_loop(
+            cfg, spec, tok, run_dir, device, precision, dist, resume, on_event, stop, sampler
+        )
         failed = False
         return card
     finally:
@@ -330,11 +390,18 @@ def train(
 
 
 def check_batch_fits(
-    cfg: TrainConfig, model_cfg: ModelConfig, seq_len: int, precision: str, device: torch.device, dist: DistInfo
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    seq_len: int,
+    precision: str,
+    device: torch.device,
+    dist: DistInfo,
 ) -> None:
     """Refuse a batch the memory model says cannot fit, before a byte of it is allocated."""
     micro = max(1, cfg.batch_size // (dist.world_size * cfg.grad_accum))
-    flag = f"--batch-size {cfg.batch_size}" + (f" (x{cfg.grad_accum} accumulation)" if cfg.grad_accum > 1 else "")
+    flag = f"--batch-size {cfg.batch_size}" + (
+        f" (x{cfg.grad_accum} accumulation)" if cfg.grad_accum > 1 else ""
+    )
     require_fit("train", model_cfg, seq_len, micro, precision, device, flag)
 
 
@@ -348,7 +415,9 @@ def _corpus_label(path: str | Path) -> str:
     return f"{path.resolve().name}/" if path.is_dir() else str(path)
 
 
-def pretraining_spec(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, data: TokenData) -> LoopSpec:
+def pretraining_spec(
+    cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, data: TokenData
+) -> LoopSpec:
     """Random windows of the token file, a fresh model, full weights saved."""
     seq_len = cfg.context(model_cfg)
     train_tokens, val_tokens = data.load("train"), data.load("val")
@@ -365,15 +434,26 @@ def pretraining_spec(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, d
         train_batches=BatchSampler(train_tokens, seq_len, cfg.seed),
         val_batches=BatchSampler(val_tokens, seq_len, cfg.seed + 1),
         seq_len=seq_len,
-        save_weights=lambda weights, directory, extra: save_state(weights, model_cfg, directory, extra),
+        save_weights=lambda weights, directory, extra: save_state(
+            weights, model_cfg, directory, extra
+        ),
         info={"tokenizer_sha256": tok.sha256},
         bytes_per_token=data.val_bytes / max(1, data.val_tokens),
     )
 
 
 def run_loop(
-    cfg: TrainConfig, spec: LoopSpec, tok: Tokenizer, run_dir: Path, device: torch.device, precision: str,
-    dist: DistInfo, resume: bool, on_event: Event, stop: threading.Event, sampler: Sampler | None,
+    cfg: TrainConfig,
+    spec: LoopSpec,
+    tok: Tokenizer,
+    run_dir: Path,
+    device: torch.device,
+    precision: str,
+    dist: DistInfo,
+    resume: bool,
+    on_event: Event,
+    stop: threading.Event,
+    sampler: Sampler | None,
 ) -> dict[str, Any]:
     """The training loop shared by `train` and `finetune`; returns the run card."""
     model_cfg, seq_len, bytes_per_token = spec.model_cfg, spec.seq_len, spec.bytes_per_token
@@ -433,11 +513,20 @@ def run_loop(
     flops_tok = flops_per_token(model_cfg, seq_len)
     n_params = model_cfg.num_params()
     n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    on_event("start", {
-        "params": n_params, "config": model_cfg.to_dict(), "seq_len": seq_len, "device": str(device),
-        "precision": precision, "total_steps": state.total_steps, "start_step": state.step,
-        "world_size": world, "budget": budget,
-    })
+    on_event(
+        "start",
+        {
+            "params": n_params,
+            "config": model_cfg.to_dict(),
+            "seq_len": seq_len,
+            "device": str(device),
+            "precision": precision,
+            "total_steps": state.total_steps,
+            "start_step": state.step,
+            "world_size": world,
+            "budget": budget,
+        },
+    )
 
     metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if dist.is_main else None
     info_base = {"tformer_version": __version__, "train": cfg.to_dict(), **spec.info}
@@ -450,22 +539,35 @@ def run_loop(
         if best:
             if dist.is_main:
                 best_dir = run_dir / BEST_DIR
-                spec.save_weights(weights, best_dir, {**info_base, "step": state.step, "val_loss": state.best_val_loss})
+                spec.save_weights(
+                    weights,
+                    best_dir,
+                    {**info_base, "step": state.step, "val_loss": state.best_val_loss},
+                )
                 shutil.copyfile(run_dir / TOKENIZER_FILE, best_dir / TOKENIZER_FILE)
             return
         optim = get_optimizer_state_dict(raw_model, optimizer, options=_FULL)
         if dist.is_main:
             spec.save_weights(weights, run_dir, {**info_base, "step": state.step})
-            save_train_state(run_dir / TRAIN_STATE_DIR, state.step, weights, optim, {"run": state.to_json()})
+            save_train_state(
+                run_dir / TRAIN_STATE_DIR, state.step, weights, optim, {"run": state.to_json()}
+            )
             on_event("saved", {"step": state.step, "path": str(run_dir)})
         state.last_saved_step = state.step
         dist.barrier()
 
     def run_eval() -> dict[str, float]:
         t = time.perf_counter()
-        val_loss = evaluate(model, val_batches, cfg.eval_batches, micro * world, device, autocast, dist)
+        val_loss = evaluate(
+            model, val_batches, cfg.eval_batches, micro * world, device, autocast, dist
+        )
         bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
-        record = {"step": state.step, "val_loss": val_loss, "val_bpb": bpb, "eval_seconds": time.perf_counter() - t}
+        record = {
+            "step": state.step,
+            "val_loss": val_loss,
+            "val_bpb": bpb,
+            "eval_seconds": time.perf_counter() - t,
+        }
         if metrics:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -510,7 +612,9 @@ def run_loop(
                 per_step = sorted(settled)[len(settled) // 2]
                 # Room for one more step, the final eval (forward only: ~1/3 of a step per batch),
                 # the closing sample and the save.
-                final_eval = last_eval["eval_seconds"] if last_eval else cfg.eval_batches * per_step / 3
+                final_eval = (
+                    last_eval["eval_seconds"] if last_eval else cfg.eval_batches * per_step / 3
+                )
                 reserve = per_step + final_eval + sample_seconds + 0.5
                 if dist.any(elapsed + reserve >= budget, device):
                     break
@@ -522,14 +626,20 @@ def run_loop(
             for a in range(cfg.grad_accum):
                 first = (dist.rank * cfg.grad_accum + a) * micro
                 x, y = train_batches.batch(state.step, cfg.batch_size, slice(first, first + micro))
-                sync = a == cfg.grad_accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                    loss = lm_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                sync = a == cfg.grad_accum - 1 or not isinstance(
+                    model, torch.nn.parallel.DistributedDataParallel
+                )
+                with contextlib.nullcontext() if sync else model.no_sync(), autocast():
+                    loss = lm_loss(
+                        model, x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    )
                 scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += loss.detach()
             scaler.unscale_(optimizer)
             # --grad-clip 0 turns clipping off; the norm is still measured for the log
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip or math.inf
+            )
             loss_value = step_loss.item() / cfg.grad_accum
             if not scaler.is_enabled():
                 check_finite(loss_value, float(grad_norm), state)
@@ -544,7 +654,11 @@ def run_loop(
             loss_acc, loss_n = loss_acc + loss_value, loss_n + 1
 
             ran = state.step - start_step
-            if budget and cfg.max_steps is None and (ran == 5 or (ran > 5 and state.step % cfg.log_every == 0)):
+            if (
+                budget
+                and cfg.max_steps is None
+                and (ran == 5 or (ran > 5 and state.step % cfg.log_every == 0))
+            ):
                 # Fit the LR schedule to the time budget from the recent step (and eval) cost, and
                 # keep refitting: the machine may speed up or slow down under other load.
                 recent = sorted(step_times[-20:])
@@ -559,15 +673,26 @@ def run_loop(
                 now = time.perf_counter()
                 rate = tokens_log / max(now - t_log, 1e-9)
                 mean_loss = dist.mean(loss_acc / loss_n, device)
-                record = {"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": rate * world, "grad_norm": float(grad_norm)}
+                record = {
+                    "step": state.step,
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "tokens_per_s": rate * world,
+                    "grad_norm": float(grad_norm),
+                }
                 state.losses.append(mean_loss)
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                on_event("step", {**record, "total_steps": state.total_steps, "elapsed": now - t_start})
+                on_event(
+                    "step", {**record, "total_steps": state.total_steps, "elapsed": now - t_start}
+                )
                 t_log, tokens_log, loss_acc, loss_n = now, 0, 0.0, 0
             else:
-                on_event("tick", {"step": state.step, "total_steps": state.total_steps, "loss": loss_value})
+                on_event(
+                    "tick",
+                    {"step": state.step, "total_steps": state.total_steps, "loss": loss_value},
+                )
 
             if state.step % cfg.eval_every == 0 and state.step < state.total_steps:
                 t_eval = time.perf_counter()
@@ -610,7 +735,9 @@ def run_loop(
         "total_steps": state.total_steps,
         "tokens_seen": state.tokens_seen,
         "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
-        "best_val_bpb": None if math.isinf(state.best_val_loss) or not bytes_per_token else state.best_val_loss / math.log(2) / bytes_per_token,
+        "best_val_bpb": None
+        if math.isinf(state.best_val_loss) or not bytes_per_token
+        else state.best_val_loss / math.log(2) / bytes_per_token,
         "best_step": state.best_step,
         "final_val_loss": last_eval["val_loss"] if last_eval else None,
         "final_val_bpb": last_eval["val_bpb"] if last_eval else None,

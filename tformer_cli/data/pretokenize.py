@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from models.weights import atomic_write_text
-from tformer_cli.corpus import iter_documents, resolve_corpus
+from tformer_cli.data.corpus import iter_documents, resolve_corpus
+from tformer_cli.data.tokenizer import Tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
@@ -159,13 +159,21 @@ def pretokenize(
     for split in SPLITS:
         os.replace(tmp[split], out / f"{split}.bin")
     data = TokenData(
-        directory=str(out), dtype=dtype.name, train_tokens=pending.tokens["train"],
-        val_tokens=pending.tokens["val"], train_bytes=pending.bytes["train"],
-        val_bytes=pending.bytes["val"], tokenizer_sha256=tokenizer.sha256,
+        directory=str(out),
+        dtype=dtype.name,
+        train_tokens=pending.tokens["train"],
+        val_tokens=pending.tokens["val"],
+        train_bytes=pending.bytes["train"],
+        val_bytes=pending.bytes["val"],
+        tokenizer_sha256=tokenizer.sha256,
         corpus_sha256=corpus_hash or corpus_sha256(files),
     )
-    meta = {"format_version": FORMAT_VERSION, **asdict(data), "files": [str(p) for p in files],
-            "val_fraction": val_fraction}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        **asdict(data),
+        "files": [str(p) for p in files],
+        "val_fraction": val_fraction,
+    }
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return data
 
@@ -186,7 +194,12 @@ class _Pending:
     """Texts and special ids waiting to be encoded in one batch and appended to their split."""
 
     def __init__(self, tokenizer: Tokenizer, sinks, dtype: np.dtype, num_threads: int | None):
-        self.tokenizer, self.sinks, self.dtype, self.num_threads = tokenizer, sinks, dtype, num_threads
+        self.tokenizer, self.sinks, self.dtype, self.num_threads = (
+            tokenizer,
+            sinks,
+            dtype,
+            num_threads,
+        )
         self.items: list[tuple[str, str | int]] = []
         self.chars = 0
         self.tokens = dict.fromkeys(SPLITS, 0)
@@ -302,4 +315,6 @@ def pretokenize_cached(
     except TokenDataError as e:
         if notice:
             notice(f"token cache damaged, rebuilding it: {e}")
-    return pretokenize(files, tokenizer, directory, val_fraction, progress, corpus_hash=corpus_hash), False
+    return pretokenize(
+        files, tokenizer, directory, val_fraction, progress, corpus_hash=corpus_hash
+    ), False

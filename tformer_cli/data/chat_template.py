@@ -10,20 +10,22 @@ A prompt for a reply ends with <|assistant|>; the reply ends when the model emit
 
 from __future__ import annotations
 
+from tformer_cli.data.tokenizer import CHAT_MARKERS, Tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.tokenizer import CHAT_MARKERS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 PLAIN_NAMES = {"system": "", "user": "User", "assistant": "Assistant"}
 PLAIN_STOPS = ("\nUser:", "\nAssistant:")
 
 
-def encode_chat_with_mask(tok: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+def encode_chat_with_mask(
+    tok: Tokenizer, messages: list[dict[str, str]]
+) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and, for each, whether it is assistant output (content and its <|end|>)."""
     if not tok.has_chat_markers:
         raise TformerError(
             f"{tok.path}: this tokenizer has no chat markers ({', '.join(CHAT_MARKERS)}), which chat, "
-            "Alpaca and prompt/completion data need; use text data ({\"text\": ...} or .txt) with this base"
+            'Alpaca and prompt/completion data need; use text data ({"text": ...} or .txt) with this base'
         )
     end = tok.marker_ids["<|end|>"]
     ids, mask = [tok.bos_id], [False]
@@ -38,7 +40,9 @@ def encode_chat_with_mask(tok: Tokenizer, messages: list[dict[str, str]]) -> tup
     return ids, mask
 
 
-def encode_chat(tok: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(
+    tok: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
     """Token ids of a conversation, ending with <|assistant|> when a reply is wanted."""
     ids, _ = encode_chat_with_mask(tok, messages)
     if add_generation_prompt:

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from models.llamacpp import gguf_architecture, gguf_metadata, to_gguf_state
+from tformer_cli.data.tokenizer import Tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.export_hf import (
+from tformer_cli.interop.hf_export import (
     Export,
     cannot_write,
     chat_template,
@@ -19,8 +20,7 @@ from tformer_cli.export_hf import (
     is_lora_run,
     load_for_export,
 )
-from tformer_cli.model_path import resolve_model_path
-from tformer_cli.tokenizer import Tokenizer
+from tformer_cli.runs.locate import resolve_model_path
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # q8_0 quantises rows in blocks of 32 values
@@ -31,11 +31,15 @@ def import_gguf():
     try:
         import gguf
     except ImportError:
-        raise TformerError("--format gguf needs the gguf package: pip install 'tformer[gguf]'") from None
+        raise TformerError(
+            "--format gguf needs the gguf package: pip install 'tformer[gguf]'"
+        ) from None
     return gguf
 
 
-def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16", overwrite: bool = False) -> Export:
+def export_gguf(
+    run_dir: str | Path, out_file: str | Path, out_type: str = "f16", overwrite: bool = False
+) -> Export:
     """Write run_dir as one GGUF file (LoRA runs merged): weights, hyperparameters and tokenizer."""
     gguf = import_gguf()
     if out_type not in GGUF_TYPES:
@@ -43,7 +47,9 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
     run_dir, out = resolve_model_path(run_dir), Path(out_file)
     check_export_target(run_dir, out)
     if out.is_dir():
-        raise TformerError(f"{out}: is a directory; --format gguf writes one file, e.g. -o model.gguf")
+        raise TformerError(
+            f"{out}: is a directory; --format gguf writes one file, e.g. -o model.gguf"
+        )
     if out.exists() and not overwrite:
         raise TformerError(f"{out}: already exists; choose another name or pass --overwrite")
     model, info, tok, arch = load_for_export(run_dir, gguf_architecture, "GGUF")
@@ -54,12 +60,27 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, out_type: str = "f16"
         _write_gguf(gguf, run_dir, out, state, cfg, arch, tok, info, out_type, overwrite)
     except OSError as e:
         raise cannot_write(out, e) from None
-    return Export(path=out, architecture=arch, params=sum(p.numel() for p in model.parameters()),
-                  files=[out.name], merged_lora=is_lora_run(run_dir))
+    return Export(
+        path=out,
+        architecture=arch,
+        params=sum(p.numel() for p in model.parameters()),
+        files=[out.name],
+        merged_lora=is_lora_run(run_dir),
+    )
 
 
-def _write_gguf(gguf, run_dir: Path, out: Path, state, cfg, arch: str, tok: Tokenizer, info: dict,
-                out_type: str, overwrite: bool) -> None:
+def _write_gguf(
+    gguf,
+    run_dir: Path,
+    out: Path,
+    state,
+    cfg,
+    arch: str,
+    tok: Tokenizer,
+    info: dict,
+    out_type: str,
+    overwrite: bool,
+) -> None:
     """Write a temporary file beside out, then move it into place in one step.
 
     Without overwrite the move is a hard link, which fails if out appeared in the meantime, so
@@ -112,8 +133,11 @@ def _add_value(gguf, writer, key: str, value) -> None:
 
 
 def _file_type(gguf, out_type: str):
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+    return {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[out_type]
 
 
 def _add_tensor(gguf, writer, name: str, tensor: torch.Tensor, out_type: str) -> None:
@@ -147,7 +171,9 @@ def _add_tokenizer(gguf, writer, tok: Tokenizer, info: dict, n_vocab: int) -> No
     # llama.cpp wants one token per embedding row; rows the tokenizer never produces are unused
     extra = range(tok.vocab_size, n_vocab)
     writer.add_tokenizer_model("llama")
-    writer.add_token_list([sp.id_to_piece(i) for i in range(tok.vocab_size)] + [f"<unused{i}>" for i in extra])
+    writer.add_token_list(
+        [sp.id_to_piece(i) for i in range(tok.vocab_size)] + [f"<unused{i}>" for i in extra]
+    )
     writer.add_token_scores([sp.get_score(i) for i in range(tok.vocab_size)] + [0.0] * len(extra))
     writer.add_token_types([int(k) for k in kinds] + [int(types.UNUSED)] * len(extra))
     writer.add_bos_token_id(tok.bos_id)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from models.weights import CONFIG_FILE
 from tformer_cli.errors import TformerError
-from tformer_cli.rundir import CHECKPOINT_FILES, check_run_dir, is_hf_dir, is_run_dir
+from tformer_cli.runs.rundir import CHECKPOINT_FILES, check_run_dir, is_hf_dir, is_run_dir
 
 DEFAULT_RUNS_DIR = Path("runs")
 EXPECTED = (

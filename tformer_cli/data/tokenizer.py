@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from models.weights import atomic_write
-from tformer_cli.corpus import iter_documents, resolve_corpus
+from tformer_cli.data.corpus import iter_documents, resolve_corpus
 from tformer_cli.errors import TformerError
 
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -39,8 +39,14 @@ class Tokenizer:
     def __init__(self, path: Path, processor: spm.SentencePieceProcessor, sha256: str):
         self.path, self.sp, self.sha256 = path, processor, sha256
         self.vocab_size = processor.get_piece_size()
-        self.bos_id, self.eos_id, self.pad_id = processor.bos_id(), processor.eos_id(), processor.pad_id()
-        self.marker_ids = {m: i for m in CHAT_MARKERS if (i := processor.piece_to_id(m)) != processor.unk_id()}
+        self.bos_id, self.eos_id, self.pad_id = (
+            processor.bos_id(),
+            processor.eos_id(),
+            processor.pad_id(),
+        )
+        self.marker_ids = {
+            m: i for m in CHAT_MARKERS if (i := processor.piece_to_id(m)) != processor.unk_id()
+        }
         byte_ids = [processor.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode()]
         # A foreign model without byte fallback cannot keep a literal U+2581; leave it to sentencepiece.
         self._space_symbol_ids = byte_ids if all(processor.is_byte(i) for i in byte_ids) else None
@@ -80,7 +86,9 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise TformerError(f"token id {bad[0]} is out of range: this tokenizer has ids 0..{self.vocab_size - 1}")
+            raise TformerError(
+                f"token id {bad[0]} is out of range: this tokenizer has ids 0..{self.vocab_size - 1}"
+            )
         return self.sp.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
@@ -97,7 +105,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         if not (path / "tokenizer.model").is_file():
-            raise TformerError(f"{path}: a directory without tokenizer.model; give the tokenizer's .model file")
+            raise TformerError(
+                f"{path}: a directory without tokenizer.model; give the tokenizer's .model file"
+            )
         path = path / "tokenizer.model"
     if not path.is_file():
         raise TformerError(f"{path}: tokenizer not found; train one with `tformer tokenize train`")
@@ -156,12 +166,25 @@ def train_tokenizer(
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=drain(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            character_coverage=character_coverage, byte_fallback=True, split_digits=True,
-            remove_extra_whitespaces=False, add_dummy_prefix=False, normalization_rule_name="identity",
-            allow_whitespace_only_pieces=True, user_defined_symbols=[*CHAT_MARKERS, "\n"],
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, max_sentence_length=4 * MAX_LINE_CHARS,
-            minloglevel=2, num_threads=os.cpu_count() or 1,
+            sentence_iterator=drain(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            normalization_rule_name="identity",
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=[*CHAT_MARKERS, "\n"],
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            max_sentence_length=4 * MAX_LINE_CHARS,
+            minloglevel=2,
+            num_threads=os.cpu_count() or 1,
         )
     except RuntimeError as e:
         raise TformerError(_explain_training_error(str(e), vocab_size)) from None
@@ -173,9 +196,12 @@ def train_tokenizer(
     text = "\n".join(held_out)
     n_tokens = len(tok.encode(text))
     return TokenizerSummary(
-        path=Path(output), vocab_size=tok.vocab_size, model_type=model_type,
+        path=Path(output),
+        vocab_size=tok.vocab_size,
+        model_type=model_type,
         chars_per_token=len(text) / n_tokens if n_tokens else 0.0,
-        seconds=time.perf_counter() - start, sha256=tok.sha256,
+        seconds=time.perf_counter() - start,
+        sha256=tok.sha256,
     )
 
 
@@ -219,12 +245,18 @@ def _sample_lines(
 def _explain_training_error(message: str, vocab_size: int) -> str:
     too_high = re.search(r"Vocabulary size (?:is )?too high.*?<= (\d+)", message)
     if too_high:
-        return (f"--vocab-size {vocab_size} is larger than this corpus supports; "
-                f"the largest that works is {too_high.group(1)}")
+        return (
+            f"--vocab-size {vocab_size} is larger than this corpus supports; "
+            f"the largest that works is {too_high.group(1)}"
+        )
     too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_low:
-        return (f"--vocab-size {vocab_size} is too small: this corpus needs at least {too_low.group(2)} "
-                "(256 byte-fallback pieces, the special tokens and its common characters)")
+        return (
+            f"--vocab-size {vocab_size} is too small: this corpus needs at least {too_low.group(2)} "
+            "(256 byte-fallback pieces, the special tokens and its common characters)"
+        )
     if "no sentences" in message.lower() or "empty" in message.lower():
         return "corpus is empty: there is no text to train a tokenizer on"
-    return f"sentencepiece could not train: {message.splitlines()[-1] if message else 'unknown error'}"
+    return (
+        f"sentencepiece could not train: {message.splitlines()[-1] if message else 'unknown error'}"
+    )

@@ -41,13 +41,29 @@ def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("model", f"{card['preset']}: {shape}"),
         ("parameters", f"{card['params']:,}"),
-        ("device", f"{card['device']} {card['precision']}" + (f" x{card['world_size']}" if card["world_size"] > 1 else "")),
-        ("steps", f"{card['steps']:,} x {card['batch_size']} x {card['seq_len']} tokens" + (" (interrupted)" if card["interrupted"] else "")),
+        (
+            "device",
+            f"{card['device']} {card['precision']}"
+            + (f" x{card['world_size']}" if card["world_size"] > 1 else ""),
+        ),
+        (
+            "steps",
+            f"{card['steps']:,} x {card['batch_size']} x {card['seq_len']} tokens"
+            + (" (interrupted)" if card["interrupted"] else ""),
+        ),
         ("tokens seen", f"{card['tokens_seen']:,}"),
-        ("best val loss", f"{_num(card['best_val_loss'])}{_bpb(card['best_val_bpb'])} at step {card['best_step']}"),
+        (
+            "best val loss",
+            f"{_num(card['best_val_loss'])}{_bpb(card['best_val_bpb'])} at step {card['best_step']}",
+        ),
         ("final val loss", f"{_num(card['final_val_loss'])}{_bpb(card['final_val_bpb'])}"),
         ("throughput", f"{card['tokens_per_s']:,.0f} tokens/s"),
-        ("MFU", "-" if mfu is None else f"{100 * mfu:.1f}% of {card['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s measured matmul peak"),
+        (
+            "MFU",
+            "-"
+            if mfu is None
+            else f"{100 * mfu:.1f}% of {card['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s measured matmul peak",
+        ),
         ("peak memory", _bytes(card["peak_memory_bytes"])),
         ("wall time", _duration(card["wall_seconds"])),
         ("loss", card["loss_sparkline"] or "-"),

@@ -32,7 +32,9 @@ class SamplingConfig:
         if not 0 <= self.min_p <= 1:
             raise TformerError(f"--min-p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
-            raise TformerError(f"--repetition-penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise TformerError(
+                f"--repetition-penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
+            )
         return self
 
     def replace(self, **changes: float) -> SamplingConfig:
@@ -47,15 +49,21 @@ class SamplingConfig:
         """The settings as a person reads them, e.g. "temperature 0.7, top-p 0.95 (top-k, min-p off)"."""
         on, off = [], []
         for label, value, neutral in (
-            ("top-k", self.top_k, 0), ("top-p", self.top_p, 1.0), ("min-p", self.min_p, 0.0),
+            ("top-k", self.top_k, 0),
+            ("top-p", self.top_p, 1.0),
+            ("min-p", self.min_p, 0.0),
             ("repetition penalty", self.repetition_penalty, 1.0),
         ):
-            (off if value == neutral else on).append(label if value == neutral else f"{label} {value:g}")
+            (off if value == neutral else on).append(
+                label if value == neutral else f"{label} {value:g}"
+            )
         head = "greedy (temperature 0)" if self.greedy else f"temperature {self.temperature:g}"
         return ", ".join([head, *on]) + (f" ({', '.join(off)} off)" if off else "")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL's penalty: divide positive logits of seen tokens by penalty, multiply negative ones. logits (B, V); seen (B, V) bool."""
     if penalty == 1.0:
         return logits
@@ -67,7 +75,9 @@ def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """True for the tokens outside the smallest set whose probability reaches top_p (the top token always stays)."""
     V = probs.size(-1)
     k = min(V, 256)
-    while True:  # sorting all 32000 probabilities costs ms; the nucleus is usually in the top few hundred
+    while (
+        True
+    ):  # sorting all 32000 probabilities costs ms; the nucleus is usually in the top few hundred
         top, order = probs.topk(k, dim=-1)  # sorted, most likely first
         cum = top.cumsum(dim=-1)
         if k == V or bool((cum[:, -1] >= top_p).all()):
@@ -111,7 +121,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of each row (B,) from logits (B, V); seen (B, V) marks tokens the penalty applies to."""

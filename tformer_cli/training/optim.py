@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW, fused (or foreach) where available; norms, biases and 1-D tensors get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -19,7 +21,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: to
         {"params": no_decay, "weight_decay": 0.0},
     ]
     kwargs = {}
-    if "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu"):
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in (
+        "cuda",
+        "cpu",
+    ):
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True

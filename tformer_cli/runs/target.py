@@ -16,8 +16,8 @@ from pathlib import Path
 
 from models.weights import CONFIG_FILE, WEIGHTS_FILE
 from tformer_cli.errors import TformerError
-from tformer_cli.model_path import DEFAULT_RUNS_DIR
-from tformer_cli.rundir import (
+from tformer_cli.runs.locate import DEFAULT_RUNS_DIR
+from tformer_cli.runs.rundir import (
     ADAPTER_FILE,
     BEST_DIR,
     METRICS_FILE,
@@ -25,7 +25,7 @@ from tformer_cli.rundir import (
     TRAIN_STATE_DIR,
     holds_checkpoint,
 )
-from tformer_cli.runlock import LOCK_FILE, RunLock
+from tformer_cli.runs.lock import LOCK_FILE, RunLock
 
 RUN_CARD_FILE = "run_card.json"
 # Everything a training command writes into a run directory (and so may remove on --overwrite).

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import Transformer
-from tformer_cli.chat_template import PLAIN_STOPS, encode_chat, plain_transcript
+from tformer_cli.data.chat_template import PLAIN_STOPS, encode_chat, plain_transcript
+from tformer_cli.data.tokenizer import Tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.generation import GenerationStats, generate
-from tformer_cli.sampling import SamplingConfig
-from tformer_cli.tokenizer import Tokenizer
+from tformer_cli.inference.engine import GenerationStats, generate
+from tformer_cli.inference.sampling import SamplingConfig
 
 TRANSCRIPT_LIMIT = 16 << 20  # bytes: /load refuses larger files (and never reads past this)
 
@@ -43,8 +43,14 @@ class ChatSession:
     """Conversation state for `tformer chat`; mode is "chat" (markers) or "plain" (transcript)."""
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, mode: str, sampling: SamplingConfig,
-        max_new_tokens: int = 256, system: str | None = None, seed: int | None = None,
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        mode: str,
+        sampling: SamplingConfig,
+        max_new_tokens: int = 256,
+        system: str | None = None,
+        seed: int | None = None,
     ):
         self.model, self.tok, self.mode = model, tokenizer, mode
         self.sampling, self.max_new_tokens, self.seed = sampling, max_new_tokens, seed
@@ -124,7 +130,9 @@ class ChatSession:
             raise TformerError("nothing to regenerate yet")
         return self._turn_with(self.messages[:-1], on_text)
 
-    def _turn_with(self, messages: list[dict[str, str]], on_text: Callable[[str], None] | None) -> str:
+    def _turn_with(
+        self, messages: list[dict[str, str]], on_text: Callable[[str], None] | None
+    ) -> str:
         """Reply to messages; an interrupted or failed turn leaves the conversation as it was."""
         saved = self.messages, self.dropped_turns
         self.messages = messages
@@ -143,8 +151,16 @@ class ChatSession:
         stops = PLAIN_STOPS if self.mode == "plain" else ()
         sink = (lambda _row, text: on_text(text)) if on_text else None
         (done,), stats = generate(
-            self.model, self.tok, [ids], self.sampling, self.max_new_tokens, stops=stops, seed=seed,
-            on_text=sink, cache=self.cache, reuse=reuse,
+            self.model,
+            self.tok,
+            [ids],
+            self.sampling,
+            self.max_new_tokens,
+            stops=stops,
+            seed=seed,
+            on_text=sink,
+            cache=self.cache,
+            reuse=reuse,
         )
         self.cached = done.context
         text = done.text.strip() if self.mode == "plain" else done.text
@@ -165,7 +181,9 @@ class ChatSession:
         """Write the transcript as JSON: {"system": ..., "messages": [{"role", "content"}, ...]}."""
         data = {"system": self.system, "messages": self.messages}
         try:
-            Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            Path(path).write_text(
+                json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         except OSError as e:
             raise TformerError(f"{path}: cannot write the transcript ({e.strerror})") from None
 
@@ -183,11 +201,16 @@ def read_transcript(path: Path) -> dict:
     """
     try:
         if not path.is_file():
-            raise TformerError(f"{path}: no such transcript" if not path.exists() else
-                               f"{path}: not a regular file; /load reads a transcript saved with /save")
+            raise TformerError(
+                f"{path}: no such transcript"
+                if not path.exists()
+                else f"{path}: not a regular file; /load reads a transcript saved with /save"
+            )
         if path.stat().st_size > TRANSCRIPT_LIMIT:
-            raise TformerError(f"{path}: {path.stat().st_size:,} bytes is over the transcript limit of "
-                               f"{TRANSCRIPT_LIMIT >> 20} MB")
+            raise TformerError(
+                f"{path}: {path.stat().st_size:,} bytes is over the transcript limit of "
+                f"{TRANSCRIPT_LIMIT >> 20} MB"
+            )
         with open(path, "rb") as f:
             raw = f.read(TRANSCRIPT_LIMIT + 1)
     except OSError as e:
@@ -205,15 +228,25 @@ def read_transcript(path: Path) -> dict:
         raise TformerError(f'{what} (JSON with a "messages" list)')
     system = data.get("system")
     if system is not None and not isinstance(system, str):
-        raise TformerError(f'{what}: "system" must be a string or null, got {type(system).__name__}')
+        raise TformerError(
+            f'{what}: "system" must be a string or null, got {type(system).__name__}'
+        )
     for n, m in enumerate(data["messages"], start=1):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
-            raise TformerError(f'{what}: message {n} must be {{"role": "user" or "assistant", "content": a string}}')
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise TformerError(
+                f'{what}: message {n} must be {{"role": "user" or "assistant", "content": a string}}'
+            )
     messages = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
     for n, text in enumerate([system or "", *(m["content"] for m in messages)]):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\\udcff"); no text holds one
             where = '"system"' if n == 0 else f"message {n}"
-            raise TformerError(f"{what}: {where} holds an escaped lone surrogate, which is not text") from None
+            raise TformerError(
+                f"{what}: {where} holds an escaped lone surrogate, which is not text"
+            ) from None
     return {"system": system or None, "messages": messages}

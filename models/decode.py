@@ -32,8 +32,12 @@ def _transposed_layout(dtype: torch.dtype, device: torch.device) -> bool:
 class _Operand:
     """A fused weight matrix as the right operand of x @ W, with its optional bias."""
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], transposed: bool):
-        stacked = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+    def __init__(
+        self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], transposed: bool
+    ):
+        stacked = (
+            torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+        )
         # (out, in) rows stacked; kept as (in, out) contiguous or as a transposed view of the rows
         self.storage = stacked.t().contiguous() if transposed else stacked.contiguous()
         self.w = self.storage if transposed else self.storage.t()  # (in, out) either way
@@ -75,8 +79,10 @@ class _Layer:
             "up": [mlp.w1, mlp.w3] if self.swiglu else [mlp.w1],
             "down": [mlp.w2],
         }
-        ops = {name: _Operand([m.weight for m in lins], [m.bias for m in lins], transposed)
-               for name, lins in self.groups.items()}
+        ops = {
+            name: _Operand([m.weight for m in lins], [m.bias for m in lins], transposed)
+            for name, lins in self.groups.items()
+        }
         self.qkv, self.wo, self.up, self.down = ops["qkv"], ops["wo"], ops["up"], ops["down"]
 
     def bind(self) -> None:
@@ -119,14 +125,23 @@ class DecodeStep:
         if any(type(p.data) is not torch.Tensor for p in model.parameters()):
             return False  # e.g. FSDP's DTensors: only the module's own forward knows how to gather them
         for block in model.layers:
-            linears = [block.attn.wq, block.attn.wk, block.attn.wv, block.attn.wo, block.mlp.w1, block.mlp.w2]
+            linears = [
+                block.attn.wq,
+                block.attn.wk,
+                block.attn.wv,
+                block.attn.wo,
+                block.mlp.w1,
+                block.mlp.w2,
+            ]
             if isinstance(block.mlp, SwiGLU):
                 linears.append(block.mlp.w3)
             elif not isinstance(block.mlp, GeluMLP):
                 return False
             if any(type(m) is not nn.Linear for m in linears) or block.attn.impl != "sdpa":
                 return False
-            if not all(isinstance(n, (RMSNorm, nn.LayerNorm)) for n in (block.attn_norm, block.mlp_norm)):
+            if not all(
+                isinstance(n, (RMSNorm, nn.LayerNorm)) for n in (block.attn_norm, block.mlp_norm)
+            ):
                 return False
         return type(model.head) is nn.Linear and isinstance(model.norm, (RMSNorm, nn.LayerNorm))
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tformer_cli.chat_template import ROLES, encode_chat_with_mask
+from tformer_cli.data.chat_template import ROLES, encode_chat_with_mask
+from tformer_cli.data.tokenizer import Tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.loss import IGNORE
-from tformer_cli.tokenizer import Tokenizer
+from tformer_cli.training.loss import IGNORE
 
 FORMATS = {
     "messages": ({"messages"}, set()),
@@ -77,14 +77,18 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
         for lineno, raw in enumerate(iter(lambda: f.readline(RECORD_LIMIT + 1), b""), start=1):
             where = f"{path}:{lineno}"
             if len(raw) > RECORD_LIMIT:
-                raise TformerError(f"{where}: a record longer than {RECORD_LIMIT >> 20} MB; split it")
+                raise TformerError(
+                    f"{where}: a record longer than {RECORD_LIMIT >> 20} MB; split it"
+                )
             line = _utf8(raw, where)
             if not line.strip():
                 continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise TformerError(f"{where}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+                raise TformerError(
+                    f"{where}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
 
 
 def _utf8(data: bytes, where: str, cut_ok: bool = False) -> str:
@@ -106,7 +110,9 @@ def record_messages(record: object, where: str) -> tuple[str, list[dict[str, str
         if required <= keys:
             extra = keys - required - optional
             if extra:
-                raise TformerError(f"{where}: unknown field(s) {', '.join(sorted(extra))} for the {name} format")
+                raise TformerError(
+                    f"{where}: unknown field(s) {', '.join(sorted(extra))} for the {name} format"
+                )
             break
     else:
         raise TformerError(
@@ -120,23 +126,39 @@ def record_messages(record: object, where: str) -> tuple[str, list[dict[str, str
         return name, record["text"]
     if name == "alpaca":
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return name, [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        return name, [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": record["output"]},
+        ]
     if name == "prompt":
-        return name, [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+        return name, [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
-        raise TformerError(f"{where}: \"messages\" must be a non-empty list")
+        raise TformerError(f'{where}: "messages" must be a non-empty list')
     for n, m in enumerate(messages, start=1):
-        if not isinstance(m, dict) or set(m) != {"role", "content"} or not isinstance(m.get("content"), str):
-            raise TformerError(f"{where}: message {n} must be an object with exactly \"role\" and \"content\" strings")
+        if (
+            not isinstance(m, dict)
+            or set(m) != {"role", "content"}
+            or not isinstance(m.get("content"), str)
+        ):
+            raise TformerError(
+                f'{where}: message {n} must be an object with exactly "role" and "content" strings'
+            )
         if m["role"] not in ROLES:
-            raise TformerError(f"{where}: message {n} has role {m['role']!r}; roles are system, user, assistant")
+            raise TformerError(
+                f"{where}: message {n} has role {m['role']!r}; roles are system, user, assistant"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise TformerError(f"{where}: the conversation has no assistant message to learn from")
     return name, messages
 
 
-def to_example(tok: Tokenizer, record: object, where: str, train_on_prompt: bool = False) -> Example:
+def to_example(
+    tok: Tokenizer, record: object, where: str, train_on_prompt: bool = False
+) -> Example:
     """Token ids and loss mask of one record."""
     name, content = record_messages(record, where)
     if name == "text":
@@ -145,7 +167,7 @@ def to_example(tok: Tokenizer, record: object, where: str, train_on_prompt: bool
     if not tok.has_chat_markers:
         raise TformerError(
             f"{where}: a {name} record needs the chat markers, which the base's tokenizer lacks "
-            "(an imported model, say); fine-tune it on text data ({\"text\": ...} or .txt) instead"
+            '(an imported model, say); fine-tune it on text data ({"text": ...} or .txt) instead'
         )
     ids, mask = encode_chat_with_mask(tok, content)
     if train_on_prompt:
@@ -153,34 +175,54 @@ def to_example(tok: Tokenizer, record: object, where: str, train_on_prompt: bool
     return Example(ids, mask)
 
 
-def load_examples(paths: list[Path], tok: Tokenizer, train_on_prompt: bool = False) -> list[Example]:
+def load_examples(
+    paths: list[Path], tok: Tokenizer, train_on_prompt: bool = False
+) -> list[Example]:
     examples = []
     for path in paths:
         for where, record in read_records(Path(path)):
             examples.append(to_example(tok, record, where, train_on_prompt))
     examples = [e for e in examples if any(e.mask[1:])]
     if not examples:
-        raise TformerError(f"{', '.join(map(str, paths))}: no examples with anything to learn (the data set is empty)")
+        raise TformerError(
+            f"{', '.join(map(str, paths))}: no examples with anything to learn (the data set is empty)"
+        )
     return examples
 
 
 class ExampleBatches:
     """Padded (x, y) batches of examples, shuffled per epoch, reproducible from (seed, step)."""
 
-    def __init__(self, examples: list[Example], seq_len: int, pad_id: int, seed: int, shuffle: bool = True):
+    def __init__(
+        self, examples: list[Example], seq_len: int, pad_id: int, seed: int, shuffle: bool = True
+    ):
         self.truncated = sum(len(e.ids) > seq_len + 1 for e in examples)
         # An example cut before its first target would only add padding: leave it out.
         kept = [e for e in examples if any(e.mask[1 : seq_len + 1])]
         if not kept:
-            raise TformerError(f"no example has a token to learn within --seq-len {seq_len}; use a longer --seq-len")
+            raise TformerError(
+                f"no example has a token to learn within --seq-len {seq_len}; use a longer --seq-len"
+            )
         self.dropped = len(examples) - len(kept)
-        self.examples, self.seq_len, self.pad_id, self.seed, self.shuffle = kept, seq_len, pad_id, seed, shuffle
+        self.examples, self.seq_len, self.pad_id, self.seed, self.shuffle = (
+            kept,
+            seq_len,
+            pad_id,
+            seed,
+            shuffle,
+        )
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.examples)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return (
+            np.random.default_rng([self.seed, epoch]).permutation(n)
+            if self.shuffle
+            else np.arange(n)
+        )
 
-    def batch(self, step: int, batch_size: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, step: int, batch_size: int, part: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows `part` of step's batch: x (n, seq_len) padded with pad, y with IGNORE where there is no loss."""
         n = len(self.examples)
         picks = []
@@ -192,5 +234,7 @@ class ExampleBatches:
             ids, mask = e.ids[: self.seq_len + 1], e.mask[: self.seq_len + 1]
             t = len(ids) - 1
             x[row, :t] = torch.tensor(ids[:-1])
-            y[row, :t] = torch.tensor([i if m else IGNORE for i, m in zip(ids[1:], mask[1:], strict=True)])
+            y[row, :t] = torch.tensor(
+                [i if m else IGNORE for i, m in zip(ids[1:], mask[1:], strict=True)]
+            )
         return x, y

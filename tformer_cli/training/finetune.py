@@ -26,21 +26,28 @@ from models.weights import (
     save_tensors,
     write_config,
 )
+from tformer_cli.data.examples import ExampleBatches, load_examples
+from tformer_cli.data.tokenizer import load_tokenizer
 from tformer_cli.device import resolve_device, resolve_precision
-from tformer_cli.distributed import init_distributed, shutdown_distributed
 from tformer_cli.errors import TformerError
-from tformer_cli.finetune_data import ExampleBatches, load_examples
-from tformer_cli.model_path import resolve_model_path
-from tformer_cli.run_target import (
+from tformer_cli.runs.locate import resolve_model_path
+from tformer_cli.runs.rundir import ADAPTER_FILE, TOKENIZER_FILE, load_run_model
+from tformer_cli.runs.target import (
     check_run_dir_use,
     claim_given,
     clear_run_dir,
     refuse_output_over_inputs,
 )
-from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, load_run_model
-from tformer_cli.tokenizer import load_tokenizer
-from tformer_cli.train_config import TrainConfig
-from tformer_cli.trainer import Event, LoopSpec, Sampler, _noop, check_batch_fits, run_loop
+from tformer_cli.training.config import TrainConfig
+from tformer_cli.training.distributed import init_distributed, shutdown_distributed
+from tformer_cli.training.pretrain import (
+    Event,
+    LoopSpec,
+    Sampler,
+    _noop,
+    check_batch_fits,
+    run_loop,
+)
 
 
 @dataclass
@@ -67,7 +74,9 @@ class FinetuneOptions:
         if not 0 <= self.dropout < 1:  # NaN fails this too
             raise TformerError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise TformerError(f"--epochs must be a positive number of passes over the data, got {self.epochs}")
+            raise TformerError(
+                f"--epochs must be a positive number of passes over the data, got {self.epochs}"
+            )
         if not 0 < self.val_split < 1:
             raise TformerError(
                 f"--val-split must be between 0 and 1 (the share of examples held out), got {self.val_split}"
@@ -111,19 +120,28 @@ def finetune(
     if resume:
         info = read_config_file(run_dir)
         if info.get("base_fingerprint") != fingerprint:
-            raise TformerError(f"{run_dir}: was fine-tuned from another base than {base}; resume with its own base")
+            raise TformerError(
+                f"{run_dir}: was fine-tuned from another base than {base}; resume with its own base"
+            )
     examples = load_examples([Path(p) for p in data_paths], tok, opts.train_on_prompt)
     if opts.val_data:
         train_ex, val_ex = examples, load_examples(opts.val_data, tok, opts.train_on_prompt)
     else:
         n_val = max(1, int(len(examples) * opts.val_split)) if len(examples) > 1 else 0
-        train_ex, val_ex = examples[: len(examples) - n_val], examples[len(examples) - n_val :] or examples[-1:]
+        train_ex, val_ex = (
+            examples[: len(examples) - n_val],
+            examples[len(examples) - n_val :] or examples[-1:],
+        )
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
-        raise TformerError(f"--seq-len {seq_len} is longer than the base model's context of {model_cfg.max_seq_len}")
+        raise TformerError(
+            f"--seq-len {seq_len} is longer than the base model's context of {model_cfg.max_seq_len}"
+        )
     if cfg.max_steps is None and cfg.time is None:
         cfg.max_steps = max(1, math.ceil(opts.epochs * len(train_ex) / cfg.batch_size))
-    pad = tok.pad_id if tok.pad_id >= 0 else tok.eos_id  # Llama tokenizers have no pad; padding is masked anyway
+    pad = (
+        tok.pad_id if tok.pad_id >= 0 else tok.eos_id
+    )  # Llama tokenizers have no pad; padding is masked anyway
     train_batches = ExampleBatches(train_ex, seq_len, pad, cfg.seed)
     val_batches = ExampleBatches(val_ex, seq_len, pad, cfg.seed + 1, shuffle=False)
 
@@ -142,22 +160,40 @@ def finetune(
             apply_lora(model, opts.targets, opts.rank, opts.alpha, opts.dropout)
         return model
 
-    lora_info = {"rank": opts.rank, "alpha": opts.alpha, "targets": opts.targets} if opts.lora else None
-    info = {"chat": True, "base": str(base), "base_fingerprint": fingerprint, "tokenizer_sha256": tok.sha256,
-            "finetune": "lora" if opts.lora else "full"}
+    lora_info = (
+        {"rank": opts.rank, "alpha": opts.alpha, "targets": opts.targets} if opts.lora else None
+    )
+    info = {
+        "chat": True,
+        "base": str(base),
+        "base_fingerprint": fingerprint,
+        "tokenizer_sha256": tok.sha256,
+        "finetune": "lora" if opts.lora else "full",
+    }
     if lora_info:
         info["lora"] = lora_info
 
-    def save_weights(weights: dict[str, torch.Tensor], directory: Path, extra: dict[str, Any]) -> None:
+    def save_weights(
+        weights: dict[str, torch.Tensor], directory: Path, extra: dict[str, Any]
+    ) -> None:
         if opts.lora:
             save_tensors(lora_state(weights), directory / ADAPTER_FILE)
             write_config(directory, model_cfg, extra)
         else:
             save_state(weights, model_cfg, directory, extra)
 
-    spec = LoopSpec(model_cfg=model_cfg, build_model=build_model, train_batches=train_batches,
-                    val_batches=val_batches, seq_len=seq_len, save_weights=save_weights, info=info,
-                    started=started, label=f"{base.name} + " + (f"LoRA r{opts.rank} ({','.join(opts.targets)})" if opts.lora else "full fine-tune"))
+    spec = LoopSpec(
+        model_cfg=model_cfg,
+        build_model=build_model,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        seq_len=seq_len,
+        save_weights=save_weights,
+        info=info,
+        started=started,
+        label=f"{base.name} + "
+        + (f"LoRA r{opts.rank} ({','.join(opts.targets)})" if opts.lora else "full fine-tune"),
+    )
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -170,21 +206,42 @@ def finetune(
             target = claim_given(run_dir, resume, overwrite)
             check_run_dir_use(run_dir, resume, overwrite)
         check_batch_fits(cfg, model_cfg, seq_len, precision, device, dist)
-        on_event("data", {"train_examples": len(train_ex), "val_examples": len(val_ex),
-                          "truncated": train_batches.truncated})
+        on_event(
+            "data",
+            {
+                "train_examples": len(train_ex),
+                "val_examples": len(val_ex),
+                "truncated": train_batches.truncated,
+            },
+        )
         if dist.is_main:  # every input is known good: only now may an --overwrite remove a run
             clear_run_dir(run_dir, resume)
             if not resume:
                 atomic_write_bytes(run_dir / TOKENIZER_FILE, (base / TOKENIZER_FILE).read_bytes())
         dist.barrier()
-        card = run_loop(cfg, spec, tok, run_dir, device, precision, dist, resume, on_event,
-                        stop or threading.Event(), sampler)
+        card = run_loop(
+            cfg,
+            spec,
+            tok,
+            run_dir,
+            device,
+            precision,
+            dist,
+            resume,
+            on_event,
+            stop or threading.Event(),
+            sampler,
+        )
         failed = False
     finally:
         if target is not None:
             target.release(failed)
         shutdown_distributed(dist)
-    card.update(finetune=info["finetune"], train_examples=len(train_ex), truncated_examples=train_batches.truncated)
+    card.update(
+        finetune=info["finetune"],
+        train_examples=len(train_ex),
+        truncated_examples=train_batches.truncated,
+    )
     if opts.lora and dist.is_main:
         card["adapter_bytes"] = (run_dir / ADAPTER_FILE).stat().st_size
     if opts.merge and opts.lora and dist.is_main and not card["interrupted"]:
@@ -197,4 +254,9 @@ def merge_run(run_dir: str | Path) -> None:
     """Write the LoRA run's base + adapter as a standalone model.safetensors (config says "merged")."""
     run_dir = Path(run_dir)
     model, info = load_run_model(run_dir)
-    save_state(merge_lora(model).state_dict(), model.config, run_dir, {**{k: v for k, v in info.items() if k not in ("format", "model")}, "merged": True})
+    save_state(
+        merge_lora(model).state_dict(),
+        model.config,
+        run_dir,
+        {**{k: v for k, v in info.items() if k not in ("format", "model")}, "merged": True},
+    )

@@ -13,9 +13,9 @@ from models import Transformer
 from models.config import ConfigError, ModelConfig
 from models.hf import config_from_llama, from_llama_state
 from models.weights import CheckpointError, atomic_write, load_tensors, save_model
+from tformer_cli.data.tokenizer import Tokenizer, load_tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.rundir import TOKENIZER_FILE
-from tformer_cli.tokenizer import Tokenizer, load_tokenizer
+from tformer_cli.runs.rundir import TOKENIZER_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -55,10 +55,16 @@ def check_hf_llama(hf_dir: str | Path) -> ModelConfig:
     except ConfigError as e:
         raise TformerError(f"{src}: {e}") from None
     except KeyError as e:
-        raise TformerError(f"{src / 'config.json'}: missing {e.args[0]!r}, which a Llama config needs") from None
+        raise TformerError(
+            f"{src / 'config.json'}: missing {e.args[0]!r}, which a Llama config needs"
+        ) from None
     if not (src / TOKENIZER_FILE).is_file():
         others = [n for n in ("tokenizer.json", "tokenizer_config.json") if (src / n).is_file()]
-        hint = f" (it has only {', '.join(others)}, a Hugging Face tokenizers file tformer cannot use)" if others else ""
+        hint = (
+            f" (it has only {', '.join(others)}, a Hugging Face tokenizers file tformer cannot use)"
+            if others
+            else ""
+        )
         raise TformerError(f"{src}: no sentencepiece tokenizer.model{hint}; tformer needs one")
     return cfg
 
@@ -72,24 +78,30 @@ def read_hf_llama(hf_dir: str | Path) -> HFLlama:
     cfg = check_hf_llama(src)
     tok = load_tokenizer(src / TOKENIZER_FILE)
     if tok.vocab_size > cfg.vocab_size:
-        raise TformerError(f"{src}: tokenizer.model has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}")
+        raise TformerError(
+            f"{src}: tokenizer.model has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}"
+        )
     hf_state = _read_weights(src)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values()})
     missing = [k for k in _needed(cfg) if k not in hf_state]
     if missing:
-        raise TformerError(f"{src}: the weights lack {missing[0]} ({len(missing)} tensors missing); is this a Llama checkpoint?")
+        raise TformerError(
+            f"{src}: the weights lack {missing[0]} ({len(missing)} tensors missing); is this a Llama checkpoint?"
+        )
     state = {k: v.float() for k, v in from_llama_state(hf_state, cfg).items()}
     model = Transformer(cfg)
     try:
         model.load_state_dict(state, strict=not cfg.tie_embeddings)  # a tied head shares tok_emb
     except RuntimeError as e:
-        raise TformerError(f"{src}: weights do not match config.json: {str(e).splitlines()[1].strip()}") from None
+        raise TformerError(
+            f"{src}: weights do not match config.json: {str(e).splitlines()[1].strip()}"
+        ) from None
     return HFLlama(model=model.eval(), tokenizer=tok, source_dtype=",".join(dtypes))
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> Import:
     """Read a Llama-architecture checkpoint (safetensors + config.json + tokenizer.model) into run_dir (fp32)."""
-    from tformer_cli.run_target import (  # run_target builds on rundir, which imports this module
+    from tformer_cli.runs.target import (  # run_target builds on rundir, which imports this module
         check_run_dir_use,
         claim_given,
         clear_run_dir,
@@ -100,7 +112,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) 
     check_hf_llama(src)
     refuse_output_over_inputs(out, [], [src])
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise TformerError(f"{out}: already exists and is not empty; choose a new directory or pass --overwrite")
+        raise TformerError(
+            f"{out}: already exists and is not empty; choose a new directory or pass --overwrite"
+        )
     target, failed = claim_given(out, resume=False, overwrite=overwrite), True
     try:
         check_run_dir_use(out, resume=False, overwrite=overwrite)
@@ -110,25 +124,43 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) 
         # config.json binds the tokenizer by the sha256 of the very bytes written beside it
         tokenizer_bytes = (src / TOKENIZER_FILE).read_bytes()
         atomic_write(out / TOKENIZER_FILE, lambda tmp: Path(tmp).write_bytes(tokenizer_bytes))
-        extra = {"imported_from": str(src.resolve()), "source_dtype": hf.source_dtype,
-                 "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest()}
+        extra = {
+            "imported_from": str(src.resolve()),
+            "source_dtype": hf.source_dtype,
+            "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest(),
+        }
         save_model(model, out, extra=extra)
         failed = False
     finally:
         target.release(failed)
-    return Import(path=out, params=sum(p.numel() for p in model.parameters()), vocab_size=cfg.vocab_size,
-                  tokenizer_vocab_size=tok.vocab_size, has_chat_markers=tok.has_chat_markers,
-                  source_dtype=hf.source_dtype)
+    return Import(
+        path=out,
+        params=sum(p.numel() for p in model.parameters()),
+        vocab_size=cfg.vocab_size,
+        tokenizer_vocab_size=tok.vocab_size,
+        has_chat_markers=tok.has_chat_markers,
+        source_dtype=hf.source_dtype,
+    )
 
 
 def _needed(cfg) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     names += [] if cfg.tie_embeddings else ["lm_head.weight"]
     for i in range(cfg.n_layers):
-        names += [f"model.layers.{i}.{n}" for n in (
-            "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-            "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
+        names += [
+            f"model.layers.{i}.{n}"
+            for n in (
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "self_attn.q_proj.weight",
+                "self_attn.k_proj.weight",
+                "self_attn.v_proj.weight",
+                "self_attn.o_proj.weight",
+                "mlp.gate_proj.weight",
+                "mlp.up_proj.weight",
+                "mlp.down_proj.weight",
+            )
+        ]
     return names
 
 
@@ -155,8 +187,10 @@ def hf_weight_files(src: Path) -> list[Path]:
                 raise TformerError(f"{path}: a weight shard named in {INDEX_FILE} is missing")
         return files
     if any(src.glob("*.bin")) or any(src.glob("*.pt")):
-        raise TformerError(f"{src}: only pickled PyTorch weights (.bin/.pt); tformer never unpickles, "
-                           "so it imports safetensors only (save with safe_serialization=True)")
+        raise TformerError(
+            f"{src}: only pickled PyTorch weights (.bin/.pt); tformer never unpickles, "
+            "so it imports safetensors only (save with safe_serialization=True)"
+        )
     raise TformerError(f"{src}: no model.safetensors or {INDEX_FILE}")
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from models.config import ConfigError
 from models.hf import gpt2_config, hf_architecture, llama_config, to_gpt2_state, to_llama_state
 from models.weights import atomic_write, atomic_write_text, save_tensors
+from tformer_cli.data.tokenizer import Tokenizer, load_tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.model_path import resolve_model_path
-from tformer_cli.rundir import ADAPTER_FILE, TOKENIZER_FILE, is_run_dir, load_run_model
-from tformer_cli.runlock import LOCK_FILE, RunLock
-from tformer_cli.tokenizer import Tokenizer, load_tokenizer
+from tformer_cli.runs.locate import resolve_model_path
+from tformer_cli.runs.lock import LOCK_FILE, RunLock
+from tformer_cli.runs.rundir import ADAPTER_FILE, TOKENIZER_FILE, is_run_dir, load_run_model
 
 # The chat template of chat_template.py, in the Jinja that transformers' apply_chat_template runs.
 CHAT_TEMPLATE_JINJA = (
@@ -22,8 +22,14 @@ CHAT_TEMPLATE_JINJA = (
     "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
-HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
-            "tokenizer_config.json", "special_tokens_map.json")
+HF_FILES = (
+    "model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 @dataclass
@@ -59,24 +65,32 @@ def check_export_target(run_dir: Path, out: Path) -> None:
     """
     src, dst = run_dir.resolve(), out.resolve()
     if _within(dst, src):
-        raise TformerError(f"-o {out} lies inside the run being exported ({run_dir}); "
-                           "choose a path outside it")
+        raise TformerError(
+            f"-o {out} lies inside the run being exported ({run_dir}); choose a path outside it"
+        )
     if _within(src, dst):
-        raise TformerError(f"-o {out} contains the run being exported ({run_dir}); "
-                           "choose a path outside it")
+        raise TformerError(
+            f"-o {out} contains the run being exported ({run_dir}); choose a path outside it"
+        )
     if is_run_dir(dst):
-        raise TformerError(f"-o {out} is a tformer run, which an export never replaces "
-                           "(not even with --overwrite); choose a new path")
+        raise TformerError(
+            f"-o {out} is a tformer run, which an export never replaces "
+            "(not even with --overwrite); choose a new path"
+        )
     for folder in dst.parents:
         if is_run_dir(folder):
-            raise TformerError(f"-o {out} lies inside the run {folder}; an export never writes "
-                               "into a run: choose a path outside it")
+            raise TformerError(
+                f"-o {out} lies inside the run {folder}; an export never writes "
+                "into a run: choose a path outside it"
+            )
 
 
 def cannot_write(out: Path, e: OSError) -> TformerError:
     """The one-line error for an export that the file system refused (permissions, disk full)."""
-    return TformerError(f"{out}: cannot write the export ({e.strerror or e}); "
-                        "check the path, its permissions and the free space")
+    return TformerError(
+        f"{out}: cannot write the export ({e.strerror or e}); "
+        "check the path, its permissions and the free space"
+    )
 
 
 def load_for_export(run_dir: Path, architecture, target: str):
@@ -133,10 +147,15 @@ def _write_hf(run_dir: Path, out: Path, model, info: dict, tok: Tokenizer, arch:
     save_tensors(hf_state, out / "model.safetensors", metadata={"format": "pt"})
     _write_json(out / "config.json", hf_cfg)
     _write_json(out / "generation_config.json", generation)
-    atomic_write(out / "tokenizer.model", lambda tmp: shutil.copyfile(run_dir / TOKENIZER_FILE, tmp))
+    atomic_write(
+        out / "tokenizer.model", lambda tmp: shutil.copyfile(run_dir / TOKENIZER_FILE, tmp)
+    )
     sp = tok.sp
-    tokens = {"bos_token": sp.id_to_piece(tok.bos_id), "eos_token": sp.id_to_piece(tok.eos_id),
-              "unk_token": sp.id_to_piece(sp.unk_id())}
+    tokens = {
+        "bos_token": sp.id_to_piece(tok.bos_id),
+        "eos_token": sp.id_to_piece(tok.eos_id),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+    }
     if tok.pad_id >= 0:
         tokens["pad_token"] = sp.id_to_piece(tok.pad_id)
     tok_cfg = {
@@ -155,8 +174,13 @@ def _write_hf(run_dir: Path, out: Path, model, info: dict, tok: Tokenizer, arch:
         tok_cfg["chat_template"] = template
     _write_json(out / "tokenizer_config.json", tok_cfg)
     _write_json(out / "special_tokens_map.json", tokens)
-    return Export(path=out, architecture=arch, params=sum(p.numel() for p in model.parameters()),
-                  files=list(HF_FILES), merged_lora=is_lora_run(run_dir))
+    return Export(
+        path=out,
+        architecture=arch,
+        params=sum(p.numel() for p in model.parameters()),
+        files=list(HF_FILES),
+        merged_lora=is_lora_run(run_dir),
+    )
 
 
 def is_lora_run(run_dir: Path) -> bool:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tformer_cli.runcard import render_run_card
+from tformer_cli.commands.runcard import render_run_card
 
 Work = Callable[[Callable[[str, dict], None], threading.Event], dict[str, Any]]
 
@@ -27,8 +27,10 @@ def install_interrupt(stop: threading.Event, console: Console, training: Callabl
         if stop.is_set() or not training():
             raise KeyboardInterrupt
         stop.set()
-        console.print("[yellow]stopping after this step and saving a resumable checkpoint "
-                      "(Ctrl-C again to stop now)[/]")
+        console.print(
+            "[yellow]stopping after this step and saving a resumable checkpoint "
+            "(Ctrl-C again to stop now)[/]"
+        )
 
     if threading.current_thread() is threading.main_thread():
         return signal.signal(signal.SIGINT, handler)
@@ -46,8 +48,10 @@ def run_dir_line(d: dict[str, Any]) -> str:
     if how == "unfinished":
         return f"training into {path}, taking over a start that saved no checkpoint"
     if how == "next":
-        return (f"training into {path}: {d['previous']} holds an earlier run "
-                "(--resume continues the latest one instead; -o chooses the directory)")
+        return (
+            f"training into {path}: {d['previous']} holds an earlier run "
+            "(--resume continues the latest one instead; -o chooses the directory)"
+        )
     if d["auto"]:
         return f"training into {path} (named after {d['corpus']}; choose another with -o)"
     return f"training into {path}"
@@ -79,10 +83,14 @@ class Reporter:
     def on_data(self, d):
         if "train_examples" in d:
             cut = f", {d['truncated']} truncated to the window" if d["truncated"] else ""
-            self.console.print(f"data: {d['train_examples']:,} training and {d['val_examples']:,} validation examples{cut}")
+            self.console.print(
+                f"data: {d['train_examples']:,} training and {d['val_examples']:,} validation examples{cut}"
+            )
             return
         src = "cached" if d["cached"] else "tokenised"
-        self.console.print(f"data ({src}): {d['train_tokens']:,} training and {d['val_tokens']:,} validation tokens")
+        self.console.print(
+            f"data ({src}): {d['train_tokens']:,} training and {d['val_tokens']:,} validation tokens"
+        )
 
     def on_resumed(self, d):
         self.console.print(f"resuming from step {d['step']}")
@@ -96,7 +104,8 @@ class Reporter:
         self.console.print(
             f"model: {d['params']:,} parameters ({c['n_layers']} layers, dim {c['dim']}, "
             f"{c['n_heads']} heads, vocab {c['vocab_size']}); seq-len {d['seq_len']}, "
-            f"{d['device']} {d['precision']}" + (f", {d['world_size']} processes" if d["world_size"] > 1 else "")
+            f"{d['device']} {d['precision']}"
+            + (f", {d['world_size']} processes" if d["world_size"] > 1 else "")
         )
         if self.quiet:
             return
@@ -112,11 +121,15 @@ class Reporter:
         )
         self.progress.start()
         total = d["total_steps"] if d["total_steps"] < 10**9 else None
-        self.task = self.progress.add_task("train", total=total, completed=d["start_step"], loss=float("nan"), rate=0.0)
+        self.task = self.progress.add_task(
+            "train", total=total, completed=d["start_step"], loss=float("nan"), rate=0.0
+        )
 
     def _update(self, step, total, **fields):
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, total=total if total < 10**9 else None, **fields)
+            self.progress.update(
+                self.task, completed=step, total=total if total < 10**9 else None, **fields
+            )
 
     def on_tick(self, d):
         self._update(d["step"], d["total_steps"])
@@ -163,5 +176,7 @@ def run_with_progress(work: Work, quiet: bool, as_json: bool) -> None:
     else:
         render_run_card(card, Console())
     if card["interrupted"]:
-        err.print(f"interrupted at step {card['steps']}: continue with the same command plus --resume")
+        err.print(
+            f"interrupted at step {card['steps']}: continue with the same command plus --resume"
+        )
         raise typer.Exit(130)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from models import KVCache, Transformer
-from tformer_cli.decode_step import decode_step_for
-from tformer_cli.sampling import SamplingConfig, sample
-from tformer_cli.tokenizer import Tokenizer
+from models.decode import decode_step_for
+from tformer_cli.data.tokenizer import Tokenizer
+from tformer_cli.inference.sampling import SamplingConfig, sample
 
 REPLACEMENT = "\ufffd"  # what decoding shows for an unfinished UTF-8 character
 
@@ -57,7 +57,11 @@ class StreamDecoder:
         window = self.tok.decode(self.ids[self._prefix :])
         if window.endswith(REPLACEMENT):
             return ""  # the last character is not complete yet
-        before = self.tok.decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        before = (
+            self.tok.decode(self.ids[self._prefix : self._read])
+            if self._read > self._prefix
+            else ""
+        )
         scan_from = max(0, len(self.text) - self.longest_stop + 1)
         self.text += window[len(before) :]
         self._prefix, self._read = self._read, len(self.ids)
@@ -74,7 +78,11 @@ class StreamDecoder:
     def finish(self) -> str:
         """Whatever is still held back (an unfinished character shows as U+FFFD)."""
         if not self.stopped and self._read < len(self.ids):
-            before = self.tok.decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+            before = (
+                self.tok.decode(self.ids[self._prefix : self._read])
+                if self._read > self._prefix
+                else ""
+            )
             self.text += self.tok.decode(self.ids[self._prefix :])[len(before) :]
             self._prefix = self._read = len(self.ids)
         return self._emit(len(self.text))
@@ -99,10 +107,14 @@ class Completion:
     """One row's result."""
 
     prompt_ids: list[int]
-    ids: list[int] = field(default_factory=list)  # generated tokens, without the EOS that ended them
+    ids: list[int] = field(
+        default_factory=list
+    )  # generated tokens, without the EOS that ended them
     text: str = ""
     finish: str = "length"  # "eos", "stop" or "length"
-    context: list[int] = field(default_factory=list)  # the tokens now in the KV cache (row 0 of a cache passed in)
+    context: list[int] = field(
+        default_factory=list
+    )  # the tokens now in the KV cache (row 0 of a cache passed in)
 
 
 @dataclass
@@ -124,26 +136,37 @@ class GenerationStats:
 
     def to_dict(self) -> dict[str, float]:
         return {
-            "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-            "time_to_first_token_s": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "time_to_first_token_s": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
-            "decode_tokens_per_s": self.decode_tokens_per_s, "window_slides": self.slides,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "window_slides": self.slides,
         }
 
 
 class _Window:
     """What the model sees: each row's tokens since the last slide, left-padded into one batch."""
 
-    def __init__(self, rows: list[list[int]], starts: list[int], device: torch.device, capacity: int):
+    def __init__(
+        self, rows: list[list[int]], starts: list[int], device: torch.device, capacity: int
+    ):
         ctx = [r[s:] for r, s in zip(rows, starts, strict=True)]
         self.width = max(len(c) for c in ctx)  # slots in use (the cache's fill level)
         self.pads = [self.width - len(c) for c in ctx]
-        self.idx = torch.tensor([[0] * p + c for p, c in zip(self.pads, ctx, strict=True)], device=device)
+        self.idx = torch.tensor(
+            [[0] * p + c for p, c in zip(self.pads, ctx, strict=True)], device=device
+        )
         self.pos = self.key_mask = self.last_pos = None
         if any(self.pads):
             pads = torch.tensor(self.pads, device=device)
-            self.pos = (torch.arange(self.width, device=device)[None] - pads[:, None]).clamp(min=0)  # (B, T)
-            self.key_mask = torch.arange(capacity, device=device)[None] >= pads[:, None]  # (B, capacity)
+            self.pos = (torch.arange(self.width, device=device)[None] - pads[:, None]).clamp(
+                min=0
+            )  # (B, T)
+            self.key_mask = (
+                torch.arange(capacity, device=device)[None] >= pads[:, None]
+            )  # (B, capacity)
             self.last_pos = self.width - 1 - pads  # (B,) each row's position of its newest token
 
     def advance(self) -> None:
@@ -210,7 +233,9 @@ def generate(
         cache = model.new_cache(B, need) if use_cache else None
         reuse = 0
     elif B != 1 or not 0 <= reuse < len(rows[0]):
-        raise ValueError("a cache passed in serves one prompt, and reuse must leave a token to prefill")
+        raise ValueError(
+            "a cache passed in serves one prompt, and reuse must leave a token to prefill"
+        )
     step_fn = decode_step_for(model) if cache is not None and fused_step else None
     capacity = cache.max_len if cache is not None else window
 
@@ -225,7 +250,9 @@ def generate(
         slot = win.width - 1
         if step_fn is None:  # a model the fused step does not cover (e.g. LoRA-wrapped)
             pos = None if win.last_pos is None else win.last_pos[:, None]
-            h = model.hidden(tokens[:, None], cache=cache, start=slot, pos=pos, key_mask=win.key_mask)
+            h = model.hidden(
+                tokens[:, None], cache=cache, start=slot, pos=pos, key_mask=win.key_mask
+            )
             return model.head(h[:, -1])[:, :vocab]
         positions = slot if win.last_pos is None else win.last_pos
         return step_fn(tokens, cache, slot, positions, win.key_mask)[:, :vocab]
@@ -282,8 +309,13 @@ def generate(
 
 
 def sample_text(
-    model: Transformer, tokenizer: Tokenizer, prompt: str = "", max_new_tokens: int = 80,
-    temperature: float = 0.8, top_k: int = 40, seed: int = 0,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str = "",
+    max_new_tokens: int = 80,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
 ) -> str:
     """A short continuation of prompt: what training shows at evals."""
     ids = [tokenizer.bos_id, *tokenizer.encode(prompt)][-model.config.max_seq_len :]

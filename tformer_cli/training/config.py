@@ -54,7 +54,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a TformerError naming the first setting that is out of range."""
-        positive = ("batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every")
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "log_every",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise TformerError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -66,14 +73,24 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise TformerError(f"{_flag(name)} must be 0 or more, got {value}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time", "val_fraction"):
+        for name in (
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "grad_clip",
+            "dropout",
+            "time",
+            "val_fraction",
+        ):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise TformerError(f"{_flag(name)} must be a finite number, got {value}")
         if self.lr <= 0:
             raise TformerError(f"--lr must be positive, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise TformerError(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+            raise TformerError(
+                f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}"
+            )
         if self.weight_decay < 0:
             raise TformerError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         if self.grad_clip < 0:
@@ -88,7 +105,9 @@ class TrainConfig:
             raise TformerError("--time must be a positive duration such as 90s, 10m or 1h")
         if not 0 < self.val_fraction < 0.5:
             raise TformerError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        self.model_config(vocab_size=256)  # an unknown preset or a bad [model] field fails before any work
+        self.model_config(
+            vocab_size=256
+        )  # an unknown preset or a bad [model] field fails before any work
         if self.batch_size % self.grad_accum:
             raise TformerError(
                 f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"
@@ -134,16 +153,22 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         raw = f.read(SETTINGS_LIMIT + 1)
     if len(raw) > SETTINGS_LIMIT:
-        raise TformerError(f"{path}: over {SETTINGS_LIMIT >> 20} MB; a settings file is a few lines of TOML")
+        raise TformerError(
+            f"{path}: over {SETTINGS_LIMIT >> 20} MB; a settings file is a few lines of TOML"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise TformerError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        raise TformerError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise TformerError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise TformerError(
+                f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+            ) from None
     else:
         if sys.version_info >= (3, 11):
             import tomllib
@@ -160,8 +185,13 @@ def read_settings_file(path: Path) -> dict[str, Any]:
 
 _KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 _COMMAND_LINE_ONLY = {
-    "output": "-o", "o": "-o", "resume": "--resume", "overwrite": "--overwrite",
-    "corpus": "the corpus arguments", "config": "--config", "cache_dir": "--cache-dir",
+    "output": "-o",
+    "o": "-o",
+    "resume": "--resume",
+    "overwrite": "--overwrite",
+    "corpus": "the corpus arguments",
+    "config": "--config",
+    "cache_dir": "--cache-dir",
 }
 
 
@@ -181,8 +211,13 @@ def check_types(values: dict[str, Any], cls: type, where: str) -> None:
             continue  # a field with a structured type (checked where it is used)
         if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
             continue
-        want = " or ".join({"int": "an integer", "float": "a number", "str": "a string",
-                            "bool": "true or false"}[k] for k in kinds if k in _KINDS)
+        want = " or ".join(
+            {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[
+                k
+            ]
+            for k in kinds
+            if k in _KINDS
+        )
         raise TformerError(f"{where} {key} must be {want}, got {value!r}")
 
 
@@ -197,10 +232,14 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
         raw = read_settings_file(path)
         unknown_tables = set(raw) - {"train", "model", "preset"}
         if unknown_tables:
-            raise TformerError(f"{path}: unknown table(s) {', '.join(sorted(unknown_tables))}; use [train] and [model]")
+            raise TformerError(
+                f"{path}: unknown table(s) {', '.join(sorted(unknown_tables))}; use [train] and [model]"
+            )
         for table in ("train", "model"):
             if not isinstance(raw.get(table, {}), dict):
-                raise TformerError(f"{path}: {table} must be a table ([{table}] with settings under it)")
+                raise TformerError(
+                    f"{path}: {table} must be a table ([{table}] with settings under it)"
+                )
         data.update(raw.get("train", {}))
         if "preset" in raw:
             data["preset"] = raw["preset"]
@@ -208,7 +247,9 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
             data["model"] = raw["model"]
         for key, flag in _COMMAND_LINE_ONLY.items():
             if key in data:
-                raise TformerError(f"{path}: [train] {key} is not a file setting; give {flag} on the command line")
+                raise TformerError(
+                    f"{path}: [train] {key} is not a file setting; give {flag} on the command line"
+                )
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -229,10 +270,14 @@ def _file_duration(value: Any, path: Path) -> float:
         try:
             return parse_duration(value)
         except TformerError:
-            raise TformerError(f"{path}: [train] time {value!r}: use a duration such as \"90s\", \"10m\" or \"1h\"") from None
+            raise TformerError(
+                f'{path}: [train] time {value!r}: use a duration such as "90s", "10m" or "1h"'
+            ) from None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise TformerError(f"{path}: [train] time must be a duration such as \"90s\" or a number of seconds, got {value!r}")
+    raise TformerError(
+        f'{path}: [train] time must be a duration such as "90s" or a number of seconds, got {value!r}'
+    )
 
 
 def _flag(name: str) -> str:

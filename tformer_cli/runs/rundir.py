@@ -14,7 +14,7 @@ from models.config import ModelConfig
 from models.lora import apply_lora, lora_state, merge_lora
 from models.weights import CONFIG_FILE, WEIGHTS_FILE, load_tensors, load_weights, read_config_file
 from tformer_cli.errors import TformerError
-from tformer_cli.tokenizer import Tokenizer, load_tokenizer
+from tformer_cli.data.tokenizer import Tokenizer, load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
 METRICS_FILE = "metrics.jsonl"
@@ -84,7 +84,7 @@ def check_run_dir(path: str | Path, tokenizer: bool = True) -> Path:
     if not path.is_dir():
         raise TformerError(f"{path}: no such run directory; train one with `tformer train CORPUS -o {path}`")
     if is_hf_dir(path):
-        from tformer_cli.import_hf import check_hf_llama  # import_hf builds on this module
+        from tformer_cli.interop.hf_import import check_hf_llama  # import_hf builds on this module
 
         check_hf_llama(path)
         return path
@@ -101,7 +101,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     """The model config of a checked run (or Hugging Face) directory, without its weights."""
     path = Path(path)
     if is_hf_dir(path):
-        from tformer_cli.import_hf import check_hf_llama
+        from tformer_cli.interop.hf_import import check_hf_llama
 
         return check_hf_llama(path)
     return ModelConfig.from_dict(read_config_file(path)["model"])
@@ -123,7 +123,7 @@ def _load_run_model(
     """load_run_model, plus the checked tokenizer; seen holds the LoRA runs that led here."""
     path = check_run_dir(path)
     if is_hf_dir(path):
-        from tformer_cli.import_hf import read_hf_llama
+        from tformer_cli.interop.hf_import import read_hf_llama
 
         # Read in place, never written to: the same conversion as `tformer import`, in memory.
         hf = read_hf_llama(path)

@@ -29,7 +29,9 @@ def resolve_corpus(paths: list[str | Path], exclude: list[str | Path] = ()) -> l
     for path in map(Path, paths):
         if path.is_dir():
             if _tformer_output(path):
-                raise TformerError(f"{path}: is a tformer run or token directory, not a corpus; give text files")
+                raise TformerError(
+                    f"{path}: is a tformer run or token directory, not a corpus; give text files"
+                )
             found = sorted(_scan(path, skip))
             if not found:
                 raise TformerError(f"{path}: directory holds no .txt or .jsonl files")
@@ -52,7 +54,7 @@ def _key(path: str | Path) -> str:
 
 
 def _default_cache() -> Path:
-    from tformer_cli.pretokenize import default_cache_dir  # pretokenize builds on this module
+    from tformer_cli.data.pretokenize import default_cache_dir  # pretokenize builds on this module
 
     return default_cache_dir()
 
@@ -89,10 +91,14 @@ def _subdirs(directory: Path) -> list[Path]:
 
 def _tformer_output(directory: Path) -> bool:
     """A run directory (finished or not) or a pre-tokenised corpus, by what tformer writes there."""
-    from tformer_cli.rundir import TRAIN_STATE_DIR, is_run_dir  # rundir builds on this module
-    from tformer_cli.runlock import LOCK_FILE
+    from tformer_cli.runs.lock import LOCK_FILE
+    from tformer_cli.runs.rundir import TRAIN_STATE_DIR, is_run_dir  # rundir builds on this module
 
-    if is_run_dir(directory) or (directory / LOCK_FILE).exists() or (directory / TRAIN_STATE_DIR).is_dir():
+    if (
+        is_run_dir(directory)
+        or (directory / LOCK_FILE).exists()
+        or (directory / TRAIN_STATE_DIR).is_dir()
+    ):
         return True
     if (directory / "metrics.jsonl").is_file() and (directory / "tokenizer.model").is_file():
         return True  # a start that has not saved its first checkpoint (config.json) yet
@@ -164,9 +170,13 @@ def iter_jsonl_texts(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TformerError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+                raise TformerError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise TformerError(f'{path}:{lineno}: expected an object with a "text" string field')
+                raise TformerError(
+                    f'{path}:{lineno}: expected an object with a "text" string field'
+                )
             yield start, record["text"]
 
 
@@ -184,4 +194,3 @@ def check_corpus_text(files: list[Path]) -> None:
     for path in files:
         for _ in iter_documents(path):
             pass
-
