@@ -7,25 +7,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tformer_cli.units import human_bytes, human_duration
+
 
 def _num(value: float | None, fmt: str = "{:.4f}") -> str:
     return "-" if value is None else fmt.format(value)
-
-
-def _bytes(n: int | None) -> str:
-    if not n:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
 
 
 def _bpb(value: float | None) -> str:
@@ -64,8 +50,8 @@ def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
             if mfu is None
             else f"{100 * mfu:.1f}% of {card['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s measured matmul peak",
         ),
-        ("peak memory", _bytes(card["peak_memory_bytes"])),
-        ("wall time", _duration(card["wall_seconds"])),
+        ("peak memory", human_bytes(card["peak_memory_bytes"])),
+        ("wall time", human_duration(card["wall_seconds"])),
         ("loss", card["loss_sparkline"] or "-"),
         ("saved", f"{card['saved']['latest']} (latest), {card['saved']['best']} (best)"),
     ]

@@ -50,11 +50,18 @@ def _reset_peak_rss() -> bool:
     return _status_bytes("VmHWM") is not None
 
 
-def _ru_maxrss() -> int:
-    # Linux reports KiB, macOS bytes
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes (getrusage: KiB on Linux, bytes on macOS)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
         1 if sys.platform == "darwin" else 1024
     )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The peak memory of the process so far: CUDA's allocator peak on a GPU, else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return peak_rss_bytes()
 
 
 def sync(device: torch.device) -> None:
@@ -93,7 +100,7 @@ class PeakMemory:
                 self._base = _status_bytes("VmRSS") or 0
                 self.method = "rss_hwm"
             else:
-                self._base = _ru_maxrss()
+                self._base = peak_rss_bytes()
                 self.method = "ru_maxrss"
         return self
 
@@ -113,7 +120,7 @@ class PeakMemory:
         elif self.method == "rss_hwm":
             self.peak = max(0, (_status_bytes("VmHWM") or 0) - self._base)
         elif self.method == "ru_maxrss":
-            self.peak = max(0, _ru_maxrss() - self._base)
+            self.peak = max(0, peak_rss_bytes() - self._base)
 
 
 def available_memory(device: torch.device) -> int | None:

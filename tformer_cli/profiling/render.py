@@ -10,30 +10,13 @@ from rich.text import Text
 
 from models.config import ModelConfig
 from tformer_cli.profiling.analytic import attention_memory
+from tformer_cli.units import human_bytes, human_count
 
 METHOD_NAMES = {
     "cuda_max_allocated": "CUDA max allocated",
     "rss_hwm": "peak RSS growth",
     "ru_maxrss": "ru_maxrss growth (a lower bound)",
 }
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n:,.0f} B"
-
-
-def human_count(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "-"
-    for suffix, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f} {suffix}{unit}"
-    return f"{n:,.0f} {unit}".rstrip()
 
 
 def human_seconds(s: float | None) -> str:

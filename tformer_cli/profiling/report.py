@@ -15,6 +15,7 @@ from tformer_cli.profiling import analytic, measure
 from tformer_cli.profiling.fit import HEADROOM, will_it_fit
 from tformer_cli.profiling.memory import available_memory, device_name
 from tformer_cli.profiling.source import ModelSource
+from tformer_cli.units import human_bytes
 
 _OOM = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
 # the CPU allocator reports a failed allocation as a plain RuntimeError
@@ -56,7 +57,8 @@ class _Runner:
         free = available_memory(self.device)
         if free is not None and need_bytes > free * HEADROOM:
             return self.skip(
-                what, f"needs ~{_gib(need_bytes)} by the analytic model, {_gib(free)} is free"
+                what,
+                f"needs ~{human_bytes(need_bytes)} by the analytic model, {human_bytes(free)} is free",
             )
         if self.peak_flops:
             per_call = flops / self.peak_flops
@@ -91,10 +93,6 @@ class _Runner:
     def skip(self, what: str, reason: str) -> None:
         self.skipped.append({"what": what, "reason": reason})
         return None
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def analytic_figures(
@@ -277,7 +275,7 @@ def _measure(
             if impl == "math" and effort is measure.QUICK and need > QUICK_MATH_BYTES:
                 out["attention"][impl] = runner.skip(
                     f"math attention at T={T}",
-                    f"its T x T matrices take ~{_gib(need)} and are slow to "
+                    f"its T x T matrices take ~{human_bytes(need)} and are slow to "
                     "measure; run without --quick to include it",
                 )
                 continue
