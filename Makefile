@@ -24,8 +24,11 @@ demo: $(STAMP)
 	$(BIN)/python scripts/make_demo_corpus.py demo/corpus.txt
 	$(BIN)/tformer train demo/corpus.txt -o demo/run --preset micro --time 3m --overwrite --eval-every 200
 
+LINTED := models tformer_cli tests benchmarks scripts
+
 lint: $(STAMP)
-	$(BIN)/ruff check models tformer_cli tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo

@@ -1,15 +1,17 @@
-"""Generation speed: prefill tokens/s, time to first token, decode tokens/s with and without the KV cache.
+"""Generation speed: prefill tokens/s, time to first token, decode tokens/s with and without the
+KV cache.
 
     python benchmarks/generate_throughput.py                       # small and gpt2, batch 1 and 8
     python benchmarks/generate_throughput.py --presets small --batch-sizes 1 --precision bf16
 
 Random weights (speed does not depend on them), a 128-token prompt, greedy decoding through the
-same engine as `tformer generate` (tformer_cli.inference.engine.generate) on a model prepared the way
-the command prepares it. Columns:
+same engine as `tformer generate` (tformer_cli.inference.text.generate) on a model prepared the
+way the command prepares it (`Transformer.prepare_for_inference`). Columns:
 
 - prefill: prompt tokens/s of the one-pass prefill; first token: prefill + the first sample
-- decode: tokens/s after the first, through the fused one-token step and the KV cache
-- hidden: the same, decoding through model.hidden (the unfused forward) instead of the fused step
+- decode: tokens/s after the first, through the model's fused one-token step and the KV cache
+- hidden: the same with generate(..., fused=False): decoding through model.hidden (the unfused
+  forward) instead of the fused step
 - no cache: recomputing the whole context every step (`--no-cache`)
 - same: whether greedy decoding gave the same tokens on all three paths
 
@@ -30,10 +32,9 @@ from rich.console import Console
 from rich.table import Table
 
 from models import Transformer, get_preset
-from models.decode import prepare_for_inference
 from tformer_cli.device import DTYPES, resolve_device, resolve_precision
-from tformer_cli.inference.engine import generate
 from tformer_cli.inference.sampling import SamplingConfig
+from tformer_cli.inference.text import generate
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -50,16 +51,15 @@ class NullTokenizer:
 def measure(
     preset: str, batch: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> dict:
+    """The figures of one preset at one batch size: fused, hidden() and uncached decoding."""
     torch.manual_seed(0)
-    model = prepare_for_inference(Transformer(get_preset(preset)).to(device=device, dtype=dtype))
+    model = Transformer(get_preset(preset)).to(device=device, dtype=dtype).prepare_for_inference()
     tok = NullTokenizer()
     prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len)).tolist()
     n = min(args.new_tokens, model.config.max_seq_len - args.prompt_len)  # stay inside one window
     generate(model, tok, prompts, GREEDY, 4)  # warm up
     runs = [generate(model, tok, prompts, GREEDY, n) for _ in range(args.repeats)]
-    hidden = [
-        generate(model, tok, prompts, GREEDY, n, fused_step=False) for _ in range(args.repeats)
-    ]
+    hidden = [generate(model, tok, prompts, GREEDY, n, fused=False) for _ in range(args.repeats)]
     no_cache = generate(model, tok, prompts, GREEDY, args.no_cache_tokens, use_cache=False)
     k = args.no_cache_tokens
     same = all(
@@ -77,7 +77,21 @@ def measure(
     }
 
 
-def main() -> None:
+COLUMNS = (
+    "preset",
+    "batch",
+    "prefill tok/s",
+    "first token",
+    "decode tok/s",
+    "hidden tok/s",
+    "no cache tok/s",
+    "cache speed-up",
+    "same",
+)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,7 +103,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def row(preset: str, batch: int, r: dict) -> tuple[str, ...]:
+    """One table row, in COLUMNS' order."""
+    return (
+        preset,
+        str(batch),
+        f"{r['prefill']:,.0f}",
+        f"{r['ttft_ms']:,.0f} ms",
+        f"{r['decode']:,.0f}",
+        f"{r['hidden']:,.0f}",
+        f"{r['no_cache']:,.1f}",
+        f"{r['decode'] / r['no_cache']:.0f}x",
+        "yes" if r["same"] else "NO",
+    )
+
+
+def main() -> None:
+    """Measure each preset at each batch size and print the table."""
+    args = parse_args()
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, job="inference")
     console = Console(width=None if sys.stdout.isatty() else 120)  # a readable table in a log too
@@ -97,17 +131,7 @@ def main() -> None:
         title=f"generation on {device} {precision}, {torch.get_num_threads()} threads, "
         f"prompt {args.prompt_len} tokens, greedy"
     )
-    for col in (
-        "preset",
-        "batch",
-        "prefill tok/s",
-        "first token",
-        "decode tok/s",
-        "hidden tok/s",
-        "no cache tok/s",
-        "cache speed-up",
-        "same",
-    ):
+    for col in COLUMNS:
         table.add_column(col, justify="right")
     start = time.perf_counter()
     for preset in args.presets.split(","):
@@ -116,17 +140,7 @@ def main() -> None:
             console.print(
                 f"{preset} batch {batch}: decode {r['decode']:,.0f} tokens/s", style="dim"
             )
-            table.add_row(
-                preset,
-                str(batch),
-                f"{r['prefill']:,.0f}",
-                f"{r['ttft_ms']:,.0f} ms",
-                f"{r['decode']:,.0f}",
-                f"{r['hidden']:,.0f}",
-                f"{r['no_cache']:,.1f}",
-                f"{r['decode'] / r['no_cache']:.0f}x",
-                "yes" if r["same"] else "NO",
-            )
+            table.add_row(*row(preset, batch, r))
     console.print(table)
     console.print(f"[dim]{time.perf_counter() - start:.0f} s[/]")
 

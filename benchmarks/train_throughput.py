@@ -1,6 +1,6 @@
 """Training throughput: tokens/s, ms/step, model FLOP/s and MFU for presets at seq-len 256.
 
-    python benchmarks/train_throughput.py                 # tiny and small, fp32 and bf16, batch 8 and 32
+    python benchmarks/train_throughput.py         # tiny and small, fp32 and bf16, batch 8 and 32
     python benchmarks/train_throughput.py --presets small --batch-sizes 8 --precisions fp32
 
 Model FLOPs per token are 6N + 12·L·T·d (models.flops.flops_per_token); MFU is measured
@@ -77,7 +77,8 @@ def main() -> None:
     device = resolve_device(args.device)
     console = Console()
     table = Table(
-        title=f"training throughput on {device} ({torch.get_num_threads()} threads), seq-len {args.seq_len}"
+        title=f"training throughput on {device} ({torch.get_num_threads()} threads), "
+        f"seq-len {args.seq_len}"
     )
     for col in (
         "preset",

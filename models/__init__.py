@@ -3,6 +3,7 @@
 from models import get_preset, Transformer
 model = Transformer(get_preset("nano", vocab_size=512))
 logits = model(tokens)  # (B, T) -> (B, T, vocab_size)
+model.prepare_for_inference()  # fused one-token decoding for model.last_logits(...)
 """
 
 from models.attention import CausalSelfAttention, math_attention

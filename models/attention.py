@@ -40,6 +40,9 @@ def math_attention(
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention over the tokens so far; n_kv_heads < n_heads shares each key/value
+    head among a group of query heads (GQA, or MQA with one)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -60,6 +63,8 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
         start: int = 0,
     ) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d). With a cache, this layer's k and v are written at slots
+        start..start+T and the queries attend to every slot up to there."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)

@@ -37,7 +37,8 @@ class KVCache:
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, hd) at slots start..start+T; return all keys and values up to there."""
+        """Write k, v (B, Hkv, T, hd) at slots start..start+T; return all keys and values up to
+        there: (B, Hkv, start + T, hd) each."""
         end = start + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")

@@ -1,4 +1,4 @@
-"""The model configuration: one dataclass for both the original transformer and Llama-style models."""
+"""The model configuration: one dataclass for the original transformer and Llama-style models."""
 
 from __future__ import annotations
 
@@ -131,5 +131,9 @@ class ModelConfig:
         }
 
     def num_params(self) -> int:
-        """Total parameter count: V·d (+T·d learned positions) + L·(attention + MLP + 2 norms) + final norm (+ V·d untied head)."""
+        """Total parameter count.
+
+        V·d (+ T·d learned positions) + L·(attention + MLP + 2 norms) + final norm
+        (+ V·d for an untied head).
+        """
         return sum(self.param_counts().values())

@@ -15,7 +15,9 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> int:
-    """Model FLOPs per token: 6N + 12·L·T·(H·hd) for a training step (PaLM's formula), a third of it forward only.
+    """Model FLOPs per token: 6N + 12·L·T·(H·hd) for a training step (PaLM's formula).
+
+    The forward pass alone costs a third of it.
 
     2N for the forward matmuls (one multiply-add per weight), 2·L·T·(H·hd)·2 for the q·k and p·v
     products over a length-T context; the backward pass costs twice the forward.

@@ -42,22 +42,37 @@ def hf_architecture(cfg: ModelConfig) -> str:
     )
 
 
+# ModelConfig field: (LlamaConfig key, GPT2Config key), in the order the configs list them
+_HF_KEYS = {
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "dim": ("hidden_size", "n_embd"),
+    "hidden_dim": ("intermediate_size", "n_inner"),
+    "n_layers": ("num_hidden_layers", "n_layer"),
+    "n_heads": ("num_attention_heads", "n_head"),
+    "n_kv_heads": ("num_key_value_heads", None),
+    "head_dim": ("head_dim", None),
+    "max_seq_len": ("max_position_embeddings", "n_positions"),
+    "norm_eps": ("rms_norm_eps", "layer_norm_epsilon"),
+    "rope_theta": ("rope_theta", None),
+    "tie_embeddings": ("tie_word_embeddings", None),  # GPT-2's head is always the embedding
+}
+
+
+def _hf_fields(cfg: ModelConfig, column: int) -> dict[str, Any]:
+    """The config's fields under one architecture's names (column 0: Llama, 1: GPT-2)."""
+    return {
+        keys[column]: getattr(cfg, field)
+        for field, keys in _HF_KEYS.items()
+        if keys[column] is not None
+    }
+
+
 def llama_config(cfg: ModelConfig) -> dict[str, Any]:
     """A transformers LlamaConfig as a dict."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
+        **_hf_fields(cfg, 0),
         "attention_bias": False,
         "mlp_bias": False,
         "hidden_act": "silu",
@@ -71,9 +86,8 @@ def config_from_llama(hf: dict[str, Any]) -> ModelConfig:
     # transformers 5 keeps rope settings in rope_parameters, 4.x in rope_theta / rope_scaling
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConfigError(
-            f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported, only plain RoPE"
-        )
+        kind = rope.get("rope_type", rope.get("type"))
+        raise ConfigError(f"rope scaling {kind!r} is not supported, only plain RoPE")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("Llama checkpoints with attention or MLP biases are not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -122,17 +136,11 @@ def from_llama_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A transformers GPT2Config as a dict."""
+    """A transformers GPT2Config as a dict (hf_architecture has checked that GPT-2 fits)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_embd": cfg.dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_inner": cfg.hidden_dim,
-        "n_positions": cfg.max_seq_len,
-        "layer_norm_epsilon": cfg.norm_eps,
+        **_hf_fields(cfg, 1),
         "activation_function": "gelu_new",
         "tie_word_embeddings": True,
         "resid_pdrop": 0.0,

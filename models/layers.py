@@ -24,6 +24,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The configured norm: RMSNorm, or LayerNorm (with a bias when the config has biases)."""
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
@@ -33,7 +34,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_len, head_dim), in the rotate-half layout Hugging Face's Llama uses."""
+    """cos and sin tables, (max_len, head_dim) each, in Hugging Face Llama's rotate-half layout."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
@@ -41,14 +42,20 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i+hd/2}) pair by its position's angle. x: (B, H, T, hd); cos, sin: (B, 1, T, hd)."""
+    """Rotate each (x_i, x_{i+hd/2}) pair by its position's angle.
+
+    x: (B, H, T, hd); cos, sin: (T, hd), or (B, 1, T, hd) for per-row positions.
+    """
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def sinusoidal_table(dim: int, max_len: int) -> torch.Tensor:
-    """The fixed encoding of Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
+    """The fixed encoding of Vaswani et al. 2017, (max_len, dim).
+
+    PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)).
+    """
     pos = torch.arange(max_len, dtype=torch.float32)[:, None]
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(max_len, dim)
@@ -88,4 +95,5 @@ class GeluMLP(nn.Module):
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:
+    """The configured feed-forward network: SwiGLU or the GELU MLP."""
     return SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)

@@ -60,7 +60,10 @@ def rope_pairs_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def to_gguf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """tformer tensor names -> llama.cpp names (torch layout; a tied head is left out, as llama.cpp expects)."""
+    """tformer tensor names -> llama.cpp names.
+
+    Torch layout; a tied head is left out, as llama.cpp expects.
+    """
     arch = gguf_architecture(cfg)
     out = {"token_embd.weight": state["tok_emb.weight"], "output_norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:

@@ -22,6 +22,8 @@ TARGETS = {
 
 
 class LoRALinear(nn.Module):
+    """A frozen Linear W plus its trainable low-rank update: W x + scale · B A x."""
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base = base

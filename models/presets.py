@@ -6,6 +6,10 @@ from typing import Any
 
 from models.config import ConfigError, ModelConfig
 
+# 15,191,712 (15.2M): llama2.c's "stories15M" shape (tied embeddings, as llama2.c shares the
+# classifier).
+_SMALL = dict(vocab_size=32000, dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # 639,840 parameters (0.64M): tests and quick demos; trains in minutes on a laptop CPU.
     "nano": dict(vocab_size=2048, dim=96, n_layers=4, n_heads=4, hidden_dim=256, max_seq_len=256),
@@ -13,22 +17,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(vocab_size=4096, dim=128, n_layers=6, n_heads=4, hidden_dim=352, max_seq_len=256),
     # 5,721,344 (5.7M): a few million parameters, 512-token context.
     "tiny": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=8, hidden_dim=672, max_seq_len=512),
-    # 15,191,712 (15.2M): llama2.c's "stories15M" shape (tied embeddings, as llama2.c shares the classifier).
-    "small": dict(
-        vocab_size=32000, dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256
-    ),
+    "small": _SMALL,  # 15.2M, above
     # 14,528,160 (14.5M): `small` with grouped-query attention, 2 key/value heads for 6 query heads.
-    "small-gqa": dict(
-        vocab_size=32000,
-        dim=288,
-        n_layers=6,
-        n_heads=6,
-        n_kv_heads=2,
-        hidden_dim=768,
-        max_seq_len=256,
-    ),
-    # 124,439,808 (124.4M): the original-transformer decoder as GPT-2 small has it: learned positions,
-    # LayerNorm, GELU, biases, tied embeddings, 12 layers x 768.
+    "small-gqa": {**_SMALL, "n_kv_heads": 2},
+    # 124,439,808 (124.4M): the original-transformer decoder as GPT-2 small has it: learned
+    # positions, LayerNorm, GELU, biases, tied embeddings, 12 layers x 768.
     "gpt2": dict(
         vocab_size=50257,
         dim=768,

@@ -1,15 +1,21 @@
-"""The decoder-only transformer: embeddings, pre-norm blocks, final norm, output head."""
+"""The decoder-only transformer: embeddings, pre-norm blocks, final norm, output head.
+
+Training and generation run the same modules. For generation, `prepare_for_inference()` lays the
+weights out for the fused one-token step (models/decode.py), and `last_logits()` is the one entry
+point a sampler calls: the fused step where it applies, `hidden()` and the head otherwise.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from models.attention import ATTENTION_IMPLS, CausalSelfAttention
 from models.cache import KVCache
 from models.config import ModelConfig
+from models.decode import DecodeStep
 from models.layers import make_mlp, make_norm, rope_tables, sinusoidal_table
 
 
@@ -25,6 +31,7 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, is_causal, cache=None, layer=0, start=0):
+        """x (B, T, d) -> (B, T, d); the arguments after x as CausalSelfAttention takes them."""
         x = x + self.resid_dropout(
             self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer, start)
         )
@@ -32,6 +39,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Token embeddings (+ positions), n_layers pre-norm blocks, a final norm, the output head."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -57,6 +66,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        self.decode_step: DecodeStep | None = None  # the fused one-token step, once prepared
+        self._compiled_hidden = None  # hidden() through torch.compile, once prepared so
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -77,7 +88,7 @@ class Transformer(nn.Module):
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """A zeroed KV cache for this model on its device (max_len defaults to the context window)."""
+        """A zeroed KV cache for this model on its device (max_len: the context window)."""
         cfg, ref = self.config, self.tok_emb.weight
         return KVCache(
             cfg.n_layers,
@@ -89,38 +100,49 @@ class Transformer(nn.Module):
             device=ref.device,
         )
 
+    # -- the forward pass ----------------------------------------------------------------------
+
+    def embed(self, idx: Tensor, pos: Tensor | int) -> Tensor:
+        """Token embeddings plus absolute positions (learned or sinusoidal): (..., dim).
+
+        RoPE models add nothing here: their positions rotate q and k inside attention.
+        """
+        x = self.tok_emb(idx)
+        if self.config.pos == "learned":
+            return x + self.pos_emb.weight[pos]
+        if self.config.pos == "sinusoidal":
+            return x + self.pos_table[pos].to(x.dtype)
+        return x
+
+    def rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin at pos (T,): (T, hd) each; at per-row pos (B, T): (B, 1, T, hd)."""
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        return (cos.unsqueeze(-3), sin.unsqueeze(-3)) if pos.dim() == 2 else (cos, sin)
+
     def hidden(
         self,
-        idx: torch.Tensor,
+        idx: Tensor,
         cache: KVCache | None = None,
         start: int = 0,
-        pos: torch.Tensor | None = None,
-        key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        pos: Tensor | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
         """Final-norm hidden states (B, T, dim) for tokens idx (B, T).
 
         With a cache, the T tokens are written at cache slots start..start+T and attend to all
         slots before. pos (T,) or (B, T) overrides the positions (default start..start+T), for
         left-padded batches; key_mask (B, S) marks which cache slots hold real tokens.
         """
-        B, T = idx.shape
-        cfg = self.config
+        T = idx.size(1)
         if pos is None:
-            if start + T > cfg.max_seq_len:
+            if start + T > self.config.max_seq_len:
                 raise ValueError(
-                    f"positions up to {start + T} exceed the context window of {cfg.max_seq_len}"
+                    f"positions up to {start + T} exceed the context window of "
+                    f"{self.config.max_seq_len}"
                 )
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.tok_emb(idx)  # (B, T, d)
-        rope = None
-        if cfg.pos == "learned":
-            x = x + self.pos_emb(pos)
-        elif cfg.pos == "sinusoidal":
-            x = x + self.pos_table[pos].to(x.dtype)
-        else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hd) or (B, T, hd)
-            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3)) if pos.dim() == 2 else (cos, sin)
-        x = self.drop(x)
+        x = self.drop(self.embed(idx, pos))  # (B, T, d)
+        rope = self.rope(pos) if self.config.pos == "rope" else None
         mask, is_causal = self._attention_mask(T, start, cache is not None, key_mask, idx.device)
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, is_causal, cache, i, start)
@@ -128,8 +150,8 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _attention_mask(
-        T: int, start: int, cached: bool, key_mask: torch.Tensor | None, device: torch.device
-    ) -> tuple[torch.Tensor | None, bool]:
+        T: int, start: int, cached: bool, key_mask: Tensor | None, device: torch.device
+    ) -> tuple[Tensor | None, bool]:
         """(mask, is_causal) for T queries at slots start.. over S = start + T keys."""
         S = start + T if cached else T
         if key_mask is None:
@@ -149,13 +171,56 @@ class Transformer(nn.Module):
             mask = mask.unsqueeze(1)  # (B, 1, T, S)
         return mask, False
 
-    def forward(
+    def forward(self, idx: Tensor, **context) -> Tensor:
+        """Logits (B, T, vocab_size) for tokens idx (B, T); context as for hidden()."""
+        return self.head(self.hidden(idx, **context))
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def prepare_for_inference(self, compile: bool = False) -> Transformer:
+        """Eval mode and the fast decoding path. Call after .to(); moving again undoes it.
+
+        The q/k/v and gate/up weights are fused for the one-token step (models/decode.py) and
+        this model's own parameters are pointed at slices of the fused buffers, so prefill and
+        decoding share one copy of the weights. The model computes the same function (to float
+        rounding) but is for inference only: training would update views of fused buffers.
+        compile=True also runs hidden() (prefill, uncached steps) through torch.compile; the
+        fused step stays eager (compiled, it re-specialises on every cache slot and ran slower
+        on a CPU).
+        """
+        self.eval()
+        self.decode_step = None
+        if DecodeStep.supports(self):
+            with torch.no_grad():
+                self.decode_step = DecodeStep(self)
+                self.decode_step.bind(self)
+        if compile:
+            self._compiled_hidden = torch.compile(self.hidden, dynamic=True)
+        return self
+
+    @property
+    def fused_decoding(self) -> bool:
+        """Whether one-token steps into a cache take the fused step (prepared, and still valid)."""
+        return self.decode_step is not None and self.decode_step.applies(self)
+
+    def last_logits(
         self,
-        idx: torch.Tensor,
+        idx: Tensor,
         cache: KVCache | None = None,
         start: int = 0,
-        pos: torch.Tensor | None = None,
-        key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for tokens idx (B, T); see hidden() for the arguments."""
-        return self.head(self.hidden(idx, cache, start, pos, key_mask))
+        *,
+        fused: bool = True,
+        pos: Tensor | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, vocab_size) after the last token of idx (B, T): what a sampler draws from.
+
+        Arguments as for hidden(). One token per row into a cache of a prepared model goes
+        through the fused step; anything else (a prompt, no cache, fused=False, a model the step
+        does not cover) runs hidden() and the head on the last position only.
+        """
+        if fused and cache is not None and idx.size(1) == 1 and self.fused_decoding:
+            positions = start if pos is None else pos[..., -1]  # int, or (B,)
+            return self.decode_step(self, idx[:, 0], cache, start, positions, key_mask)
+        hidden = self.hidden if self._compiled_hidden is None else self._compiled_hidden
+        return self.head(hidden(idx, cache, start, pos, key_mask)[:, -1])

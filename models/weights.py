@@ -48,10 +48,12 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to path atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to path atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
@@ -73,16 +75,23 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file ({e}); it may be truncated or from another tool"
+            f"{path}: not a readable safetensors file ({e}); "
+            "it may be truncated or from another tool"
         ) from None
 
 
-def model_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The tensors to store: tied embeddings once (head.weight is re-tied on load)."""
-    state = model.state_dict()
-    if model.config.tie_embeddings:
+def untied_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors to store of a state dict: a tied head is the token embedding, stored once
+    (as tok_emb.weight; loading ties head.weight back to it)."""
+    state = dict(state)
+    if config.tie_embeddings:
         state.pop("head.weight", None)
     return state
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The tensors to store of a model (see untied_state)."""
+    return untied_state(model.state_dict(), model.config)
 
 
 def save_model(
@@ -100,16 +109,14 @@ def save_state(
 ) -> None:
     """save_model for a state dict (e.g. one gathered from FSDP), without building a model."""
     directory = Path(directory)
-    state = dict(state)
-    if config.tie_embeddings:
-        state.pop("head.weight", None)
-    save_tensors(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_tensors(untied_state(state, config), directory / WEIGHTS_FILE, metadata={"format": "pt"})
     write_config(directory, config, extra)
 
 
 def write_config(
     directory: str | Path, config: ModelConfig, extra: dict[str, Any] | None = None
 ) -> None:
+    """Write directory/config.json: {"format": "tformer", "model": config, **extra}."""
     data = {"format": FORMAT, "model": config.to_dict(), **(extra or {})}
     atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
 
@@ -151,19 +158,18 @@ def load_weights(model: Transformer, path: str | Path) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(
-                f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
-            )
+        parts = [
+            f"{what} {_some(names)}"
+            for what, names in (("missing", missing), ("unexpected", unexpected))
+            if names
+        ]
         raise CheckpointError(f"{path}: tensors do not match config.json ({'; '.join(parts)})")
     for name, want in expected.items():
         got = tensors[name]
         if got.shape != want.shape:
             raise CheckpointError(
-                f"{path}: {name} has shape {tuple(got.shape)} but config.json implies {tuple(want.shape)}"
+                f"{path}: {name} has shape {tuple(got.shape)} "
+                f"but config.json implies {tuple(want.shape)}"
             )
         if not got.is_floating_point():
             raise CheckpointError(
@@ -172,6 +178,11 @@ def load_weights(model: Transformer, path: str | Path) -> None:
     with torch.no_grad():
         for name, want in expected.items():
             want.copy_(tensors[name])
+
+
+def _some(names: list[str]) -> str:
+    """The first four names, and "..." when there are more."""
+    return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
 
 
 def load_model(

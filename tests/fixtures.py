@@ -37,7 +37,8 @@ def write_corpus(path: Path, chars: int | None = None) -> Path:
 
 @functools.cache
 def instruction_records(n: int = 400) -> tuple[dict[str, str], ...]:
-    """n Alpaca-format records {"instruction", "input", "output"}, deterministic, a third with an input."""
+    """n Alpaca-format records {"instruction", "input", "output"}, deterministic, a third with
+    an input."""
     records = []
     for name, body in _topics():
         paragraphs = [p.strip() for p in body.split("\n\n") if len(p.strip()) > 80]
@@ -51,7 +52,8 @@ def instruction_records(n: int = 400) -> tuple[dict[str, str], ...]:
                 }
             else:
                 rec = {
-                    "instruction": f"What does the Python documentation say about '{name}'? ({i + 1})",
+                    "instruction": "What does the Python documentation say about "
+                    f"'{name}'? ({i + 1})",
                     "input": "",
                     "output": para[:300],
                 }

@@ -186,7 +186,7 @@ def train_run(work: Path) -> tuple[Path, dict[str, object]]:
 
 
 def capture_generate(run: Path) -> dict[str, object]:
-    """Greedy and seeded sampled continuations (the sampled ones exercise more of the vocabulary)."""
+    """Greedy and seeded sampled continuations (sampling exercises more of the vocabulary)."""
     found = {}
     for name, sampling in (
         ("greedy", ["--temperature", "0"]),

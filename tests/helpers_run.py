@@ -26,7 +26,7 @@ def make_tokenizer(corpus_text: str, path: Path, vocab_size: int = 400) -> Path:
 
 @functools.cache
 def shared_tokenizer(vocab_size: int = 500) -> Path:
-    """A tokenizer trained on a slice of the fixture corpus, once per test session and vocab size."""
+    """A tokenizer trained on a slice of the fixture corpus, once per session and vocab size."""
     directory = Path(tempfile.mkdtemp(prefix="tformer-tok-"))
     atexit.register(shutil.rmtree, directory, True)
     text = corpus_text(CORPUS_CHARS)
@@ -60,7 +60,8 @@ def make_run(
     vocab_size: int | None = None,
     **model,
 ) -> Path:
-    """A run dir with a nano-shaped model (fields overridable) and a tokenizer (the shared one by default).
+    """A run dir with a nano-shaped model (fields overridable) and a tokenizer (the shared one by
+    default).
 
     The model is random, or trained for train_steps steps; vocab_size defaults to the tokenizer's.
     """

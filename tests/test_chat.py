@@ -12,8 +12,8 @@ from tformer_cli.commands.chat import _ReplyPrinter
 from tformer_cli.data.chat_template import encode_chat, encode_chat_with_mask, plain_transcript
 from tformer_cli.data.tokenizer import load_tokenizer
 from tformer_cli.inference.chat import ChatSession
-from tformer_cli.inference.engine import generate
 from tformer_cli.inference.sampling import SamplingConfig
+from tformer_cli.inference.text import generate
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,19 @@ def test_base_model_chats_in_plain_mode(tok_path, tmp_path, cli):
 
 def test_slash_commands_save_load_set_reset(chat_run, cli, tmp_path):
     transcript = tmp_path / "t.json"
-    script = f"/set temperature 0\n/system Speak plainly.\nHi\n/regen\n/save {transcript}\n/stats\n/reset\n/load {transcript}\n/exit\nnever read\n"
+    lines = [
+        "/set temperature 0",
+        "/system Speak plainly.",
+        "Hi",
+        "/regen",
+        f"/save {transcript}",
+        "/stats",
+        "/reset",
+        f"/load {transcript}",
+        "/exit",
+        "never read",
+    ]
+    script = "\n".join(lines) + "\n"
     res = cli("chat", "-m", chat_run, "-n", "6", stdin=script)
     assert res.exit_code == 0, res.stderr
     data = json.loads(transcript.read_text())

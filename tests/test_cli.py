@@ -69,7 +69,10 @@ def test_console_script_runs():
 
 
 def test_models_imports_without_the_cli():
-    code = "import sys, models; assert not any(m.startswith('tformer_cli') for m in sys.modules); print('ok')"
+    code = (
+        "import sys, models; "
+        "assert not any(m.startswith('tformer_cli') for m in sys.modules); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

@@ -1,4 +1,5 @@
-"""Fine-tuning: data formats to exact tokens and masks, the masked loss, LoRA, merge, resume, errors."""
+"""Fine-tuning: data formats to exact tokens and masks, the masked loss, LoRA, merge, resume,
+errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The generation engine and `tformer generate`: cache equivalence, seeds, stops, sliding, batching."""
+"""The generation engine and `tformer generate`: cache equivalence, seeds, stops, sliding,
+batching, the fused decode step."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch
 from helpers_run import make_run, shared_tokenizer
 
 from models import Transformer, get_preset, load_model
-from models.decode import DecodeStep, decode_step_for, prepare_for_inference
+from models.decode import DecodeStep
 from tformer_cli.data.tokenizer import load_tokenizer
-from tformer_cli.inference.engine import StreamDecoder, generate
+from tformer_cli.inference.engine import TokenEngine
 from tformer_cli.inference.sampling import SamplingConfig
+from tformer_cli.inference.text import StreamDecoder, generate
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -155,10 +157,21 @@ def test_decode_step_matches_the_model_on_a_padded_batch(variant, prepared):
     model = Transformer(
         get_preset("nano", vocab_size=300, max_seq_len=32, **VARIANTS[variant])
     ).eval()
-    if prepared:
-        prepare_for_inference(model)
-    step = decode_step_for(model)
-    assert isinstance(step, DecodeStep)
+    if prepared:  # the model's own step, through its entry point
+        model.prepare_for_inference()
+        assert model.fused_decoding
+
+        def step(tokens, cache, slot, positions, key_mask):
+            return model.last_logits(
+                tokens[:, None], cache, slot, pos=positions[:, None], key_mask=key_mask
+            )
+    else:  # a step with its own fused copy of the weights
+        assert DecodeStep.supports(model)
+        fused = DecodeStep(model)
+
+        def step(tokens, cache, slot, positions, key_mask):
+            return fused(model, tokens, cache, slot, positions, key_mask)
+
     idx = torch.randint(0, 300, (2, 10))
     pads = torch.tensor([0, 3])
     pos = (torch.arange(10)[None] - pads[:, None]).clamp(min=0)
@@ -171,12 +184,28 @@ def test_decode_step_matches_the_model_on_a_padded_batch(variant, prepared):
         for n, tok in enumerate(tokens):
             slot = 10 + n
             got = step(tok, ours, slot, slot - pads, key_mask)
-            want = model(
-                tok[:, None], cache=ref, start=slot, pos=(slot - pads)[:, None], key_mask=key_mask
-            )[:, -1]
+            want = model.last_logits(
+                tok[:, None], ref, slot, fused=False, pos=(slot - pads)[:, None], key_mask=key_mask
+            )
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.k[:, :, :, :12], ref.k[:, :, :, :12], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.v[:, :, :, :12], ref.v[:, :, :, :12], atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_path_equals_the_unfused_one_token_by_token():
+    torch.manual_seed(0)
+    model = Transformer(get_preset("nano", vocab_size=300)).prepare_for_inference()
+    idx = torch.randint(0, 300, (1, 9))
+    with torch.inference_mode():
+        fused, plain = model.new_cache(1), model.new_cache(1)
+        model.last_logits(idx[:, :4], fused)
+        model.last_logits(idx[:, :4], plain)
+        for t in range(4, 9):
+            a = model.last_logits(idx[:, t : t + 1], fused, t)
+            b = model.last_logits(idx[:, t : t + 1], plain, t, fused=False)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            full = model.last_logits(idx[:, : t + 1])  # no cache: the whole context again
+            torch.testing.assert_close(a, full, atol=1e-5, rtol=1e-5)
 
 
 def test_prepared_model_shares_its_weights_and_computes_the_same():
@@ -185,36 +214,53 @@ def test_prepared_model_shares_its_weights_and_computes_the_same():
     x = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         before = model(x)
-        prepare_for_inference(model)
+        model.prepare_for_inference()
         after = model(x)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    step = decode_step_for(model)
-    assert step is decode_step_for(model)  # built once, reused by every call
+    step = model.decode_step
+    assert step is not None and model.fused_decoding
     fused = step.layers[0].qkv.storage
     assert (
         fused.data_ptr()
         < model.layers[0].attn.wk.weight.data_ptr()
         < fused.data_ptr() + fused.nbytes
     )
-    assert (
-        model.tok_emb.weight.data_ptr() == step.head.storage.data_ptr()
-    )  # tied: one copy of the embedding
+    # tied: one copy of the embedding
+    assert model.tok_emb.weight.data_ptr() == step.head.storage.data_ptr()
+    model.to(torch.float64)  # moved or cast: the fused buffers no longer hold the weights
+    assert not model.fused_decoding
 
 
-def test_models_the_fused_step_does_not_cover_fall_back_to_the_plain_forward(loaded):
-    model, tok = loaded
+def test_models_the_fused_step_does_not_cover_fall_back_to_the_plain_forward(run):
+    model, tok = load_model(run).prepare_for_inference(), load_tokenizer(run / "tokenizer.model")
     prompt = ids(tok, "Good morrow")
     (fast,), _ = generate(model, tok, [prompt], GREEDY, 20)
-    model.layers[0].attn.impl = "math"  # the reference attention: not what the fused step computes
-    try:
-        assert decode_step_for(model) is None
-        (slow,), _ = generate(model, tok, [prompt], GREEDY, 20)
-    finally:
-        model.layers[0].attn.impl = "sdpa"
+    model.set_attention("math")  # the reference attention: not what the fused step computes
+    assert not model.fused_decoding
+    (slow,), _ = generate(model, tok, [prompt], GREEDY, 20)
     assert slow.ids == fast.ids
+    model.set_attention("sdpa")
+    assert model.fused_decoding
+    (unfused,), _ = generate(model, tok, [prompt], GREEDY, 20, fused=False)
+    assert unfused.ids == fast.ids
 
 
 # -- the engine ----------------------------------------------------------------------------------
+
+
+def test_the_token_engine_yields_ids_and_the_caller_can_stop_a_row(loaded):
+    model, tok = loaded
+    prompts = [ids(tok, "Hi"), ids(tok, "Good morrow")]
+    engine = TokenEngine(model, prompts, GREEDY, 6)
+    steps = []
+    for step in engine:
+        steps.append(step)
+        if len(steps) == 2:
+            engine.stop(0)  # as the text layer does when row 0's text reaches a stop string
+    assert all(s[0] is None for s in steps[2:]) and all(s[1] is not None for s in steps)
+    assert engine.finish == ["stop", "length"] and engine.ids[1] == [s[1] for s in steps]
+    text, _ = generate(model, tok, prompts[1:], GREEDY, 6, eos_ids=())
+    assert text[0].ids == engine.ids[1]  # the text layer runs the same engine
 
 
 def test_rows_that_end_early_leave_the_other_rows_unchanged(tok_path, tmp_path):

@@ -45,7 +45,8 @@ def test_checkpoint_layout_is_unchanged(want, trained):
 def _same_machine(want) -> None:
     if golden.machine() != want["machine"]:
         pytest.skip(
-            f"golden numbers were captured with {want['machine']}; this machine has {golden.machine()}"
+            f"golden numbers were captured with {want['machine']}; "
+            f"this machine has {golden.machine()}"
         )
 
 

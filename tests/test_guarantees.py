@@ -52,6 +52,11 @@ def world(tmp_path_factory):
     }
 
 
+def train_args(world: dict, out: Path, *extra) -> list:
+    """`tformer train` of the world's corpus into out: nano-sized, with the world's tokenizer."""
+    return ["train", world["corpus"], "-o", out, "--tokenizer", world["tok"], *NANO, *extra]
+
+
 def snapshot(*paths: Path) -> dict[str, str]:
     """sha256 of every file under the paths: what "byte for byte unchanged" compares."""
     out = {}
@@ -229,22 +234,12 @@ def test_two_trainings_on_one_corpus_at_once_both_succeed(world, tmp_path):
 
 
 def test_a_start_that_fails_before_its_first_checkpoint_is_taken_over(world, tmp_path, monkeypatch):
-    import tformer_cli.training.pretrain as trainer
+    import tformer_cli.training.loop as trainer
 
     real = trainer.lm_loss
     monkeypatch.setattr(trainer, "lm_loss", lambda m, x, y: real(m, x, y) * float("nan"))
     out = tmp_path / "run"
-    args = [
-        "train",
-        world["corpus"],
-        "-o",
-        out,
-        "--tokenizer",
-        world["tok"],
-        *NANO,
-        "--max-steps",
-        "3",
-    ]
+    args = train_args(world, out, "--max-steps", "3")
     res = run_cli(*args)
     assert (
         res.exit_code == 1
@@ -260,21 +255,7 @@ def test_a_start_that_fails_before_its_first_checkpoint_is_taken_over(world, tmp
 
 def test_a_torn_metrics_line_is_dropped_on_resume(world, tmp_path):
     out = tmp_path / "run"
-    args = [
-        "train",
-        world["corpus"],
-        "-o",
-        out,
-        "--tokenizer",
-        world["tok"],
-        *NANO,
-        "--save-every",
-        "4",
-        "--eval-every",
-        "4",
-        "--log-every",
-        "2",
-    ]
+    args = train_args(world, out, "--save-every", "4", "--eval-every", "4", "--log-every", "2")
     assert run_cli(*args, "--max-steps", "4").exit_code == 0
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 6, "loss": 3.1')  # what a crash mid-write leaves
@@ -306,24 +287,8 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_notice(world, tmp_path):
 
 
 def test_grad_clip_zero_means_off_and_still_trains(world, tmp_path):
-    res = run_cli(
-        "train",
-        world["corpus"],
-        "-o",
-        tmp_path / "run",
-        "--tokenizer",
-        world["tok"],
-        *NANO,
-        "--max-steps",
-        "12",
-        "--grad-clip",
-        "0",
-        "--log-every",
-        "4",
-        "--lr",
-        "3e-3",
-        "--json",
-    )
+    extra = ["--max-steps", "12", "--grad-clip", "0", "--log-every", "4", "--lr", "3e-3", "--json"]
+    res = run_cli(*train_args(world, tmp_path / "run", *extra))
     assert res.exit_code == 0, res.stderr
     losses = [
         json.loads(line)["loss"]
@@ -372,7 +337,7 @@ def test_ctrl_c_before_training_leaves_no_run_behind(phase, world, tmp_path, mon
 
 
 def test_ctrl_c_during_training_saves_and_resumes(world, tmp_path, monkeypatch):
-    import tformer_cli.training.pretrain as trainer
+    import tformer_cli.training.loop as trainer
 
     real, calls = trainer.lm_loss, {"n": 0}
 
@@ -385,17 +350,7 @@ def test_ctrl_c_during_training_saves_and_resumes(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "lm_loss", press_ctrl_c_at_step_3)
     out = tmp_path / "run"
-    args = [
-        "train",
-        world["corpus"],
-        "-o",
-        out,
-        "--tokenizer",
-        world["tok"],
-        *NANO,
-        "--max-steps",
-        "10",
-    ]
+    args = train_args(world, out, "--max-steps", "10")
     res = run_cli(*args)
     assert res.exit_code == 130 and "Traceback" not in res.stderr and "--resume" in res.stderr
     assert json.loads((out / "config.json").read_text())["step"] == 3
@@ -404,7 +359,7 @@ def test_ctrl_c_during_training_saves_and_resumes(world, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_while_saving_keeps_the_last_checkpoint(world, tmp_path, monkeypatch):
-    import tformer_cli.training.pretrain as trainer
+    import tformer_cli.training.checkpoint as trainer
 
     real, calls = trainer.save_train_state, {"n": 0}
 
@@ -416,21 +371,7 @@ def test_ctrl_c_while_saving_keeps_the_last_checkpoint(world, tmp_path, monkeypa
 
     monkeypatch.setattr(trainer, "save_train_state", second_save_interrupted)
     out = tmp_path / "run"
-    args = [
-        "train",
-        world["corpus"],
-        "-o",
-        out,
-        "--tokenizer",
-        world["tok"],
-        *NANO,
-        "--max-steps",
-        "8",
-        "--save-every",
-        "4",
-        "--eval-every",
-        "100",
-    ]
+    args = train_args(world, out, "--max-steps", "8", "--save-every", "4", "--eval-every", "100")
     interrupted(run_cli(*args))
     assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
     monkeypatch.setattr(trainer, "save_train_state", real)
@@ -450,7 +391,7 @@ def test_ctrl_c_during_generation_and_chat(world, monkeypatch):
     assert res.exit_code == 130 and "Traceback" not in res.stderr
 
 
-# -- bounds -----------------------------------------------------------------------------------------
+# -- bounds ---------------------------------------------------------------------------------------
 
 
 def test_load_refuses_what_is_not_a_bounded_transcript(world, tmp_path):

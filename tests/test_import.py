@@ -44,7 +44,8 @@ def plain_tokenizer(tmp_path_factory):
 
 
 def _random_llama(directory, tokenizer, vocab_size, **overrides):
-    """A randomly initialised LlamaForCausalLM saved by transformers, with a sentencepiece tokenizer."""
+    """A randomly initialised LlamaForCausalLM saved by transformers, with a sentencepiece
+    tokenizer."""
     fields = dict(
         vocab_size=vocab_size,
         hidden_size=64,

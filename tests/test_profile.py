@@ -1,4 +1,5 @@
-"""tformer profile: analytic figures by hand and against torch's counters, the JSON schema, the CLI."""
+"""tformer profile: analytic figures by hand and against torch's counters, the JSON schema, the
+CLI."""
 
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ HEADLINE_KEYS = {
 }
 
 
-# -- analytic, by hand ---------------------------------------------------------------------------
+# -- analytic, by hand -----------------------------------------------------------------------------
 
 
 def test_params_by_hand_match_the_model_and_checkpoint(tmp_path):
-    counts = analytic.param_counts(HAND)
+    counts = HAND.param_counts()
     assert counts == {
         "embeddings": 100 * 16,
         "attention": 2 * (16 * 16 + 2 * 16 * 8 + 16 * 16),  # wq, wk + wv (2 heads x 4), wo
@@ -98,7 +99,7 @@ def test_training_memory_parts():
     assert extra[1] > 3.5 * extra[0]
 
 
-# -- analytic, against torch's own counters ----------------------------------------------------------
+# -- analytic, against torch's own counters --------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -172,7 +173,7 @@ def test_activation_estimate_matches_what_autograd_saves(fields, impl, precision
     assert analytic.activation_bytes(cfg, 48, 2, precision, impl) == pytest.approx(got, rel=0.01)
 
 
-# -- will it fit, memory tracking -------------------------------------------------------------------
+# -- will it fit, memory tracking ------------------------------------------------------------------
 
 
 def test_largest_is_the_edge_of_a_monotone_predicate():
@@ -207,7 +208,7 @@ def test_parse_seq_lens():
     assert parse_seq_lens("256, 512,1024") == [256, 512, 1024]
 
 
-# -- the command --------------------------------------------------------------------------------------
+# -- the command -----------------------------------------------------------------------------------
 
 
 def _run_dir(tmp_path: Path, **fields) -> Path:

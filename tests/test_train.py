@@ -118,33 +118,11 @@ def test_lr_schedule_warms_up_then_decays(trained):
 
 def test_second_run_reuses_the_token_cache(trained, corpus, cache, cli, tmp_path):
     out, _, _ = trained
-    res = cli(
-        "train",
-        corpus,
-        "-o",
-        tmp_path / "again",
-        *FAST,
-        "--tokenizer",
-        out / "tokenizer.model",
-        "--max-steps",
-        "2",
-        "--cache-dir",
-        cache,
-    )
-    assert res.exit_code == 0, res.stderr
-    res = cli(
-        "train",
-        corpus,
-        "-o",
-        tmp_path / "third",
-        *FAST,
-        "--tokenizer",
-        out / "tokenizer.model",
-        "--max-steps",
-        "2",
-        "--cache-dir",
-        cache,
-    )
+    tok = out / "tokenizer.model"
+    for name in ("again", "third"):
+        args = ["-o", tmp_path / name, *FAST, "--tokenizer", tok, "--max-steps", "2"]
+        res = cli("train", corpus, *args, "--cache-dir", cache)
+        assert res.exit_code == 0, res.stderr
     assert "data (cached)" in res.stderr
 
 
@@ -206,10 +184,10 @@ class _VirtualClock:
 def test_time_budget_stops_evaluates_and_saves(trained, corpus, cache, cli, tmp_path, monkeypatch):
     import types
 
-    import tformer_cli.training.pretrain as trainer
+    import tformer_cli.training.budget as budget
 
     monkeypatch.setattr(
-        trainer, "time", types.SimpleNamespace(perf_counter=_VirtualClock(0.02).perf_counter)
+        budget, "time", types.SimpleNamespace(perf_counter=_VirtualClock(0.02).perf_counter)
     )
     res = cli(
         "train",
@@ -233,10 +211,71 @@ def test_time_budget_stops_evaluates_and_saves(trained, corpus, cache, cli, tmp_
     assert json.loads((tmp_path / "timed" / "config.json").read_text())["step"] == card["steps"]
 
 
+class _ManualClock:
+    """A clock that reads what the test sets."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_budget_reserves_room_to_finish_and_fits_the_schedule():
+    from tformer_cli.training.budget import TimeBudget
+
+    clock = _ManualClock()
+    budget = TimeBudget(100.0, clock=clock)
+    clock.now = 10.0  # setting up (tokenizer, data) took 10 s of the 100
+    budget.settle()
+    assert budget.left == 90.0 and budget.limited
+    budget.start(eval_batches=6, sampling=True)  # the loop starts at 10 s
+    asked = []
+
+    def any_rank(flag):
+        asked.append(flag)
+        return flag
+
+    assert not budget.out_of_time(None, any_rank) and asked == []  # no step timed yet
+    for seconds in (5.0, 2.0, 2.0, 2.0, 2.0):  # the first step carries warm-up costs
+        with budget.timing_step():
+            clock.now += seconds
+    # Reserve: a step (2) + the final eval estimated at 6 batches x 2 / 3 (4) + a sample (1,
+    # until one is timed) + the save (0.5) = 7.5 s.
+    clock.now = 10.0 + 82.0
+    assert not budget.out_of_time(None, any_rank) and asked == [False]
+    clock.now = 10.0 + 83.0
+    assert budget.out_of_time(None, any_rank) and asked == [False, True]
+    clock.now = 10.0 + 82.0  # a measured eval replaces the estimate: 2 + 4.5 + 1 + 0.5 = 8
+    assert budget.out_of_time({"eval_seconds": 4.5}, any_rank)
+
+    clock.now = 10.0 + 20.0  # 70 s left at 2 s a step: 35 more steps
+    assert budget.fit(step=4, ran=4, every=10) is None  # not due before the 5th step
+    assert budget.fit(step=5, ran=5, every=10) == 5 + 35
+    with budget.timing_eval():
+        clock.now += 5.0  # evals are spread over the steps run: 2 + 5 / 10 a step
+    clock.now = 10.0 + 45.0
+    assert budget.fit(step=11, ran=11, every=10) is None  # due every 10 steps after the 5th
+    assert budget.fit(step=10, ran=10, every=10) == 10 + 18  # 45 s at 2.5 s a step
+    with pytest.raises(RuntimeError), budget.timing_sample():
+        clock.now += 3.0
+        raise RuntimeError  # a failed sample still counts what it cost
+    assert budget.sample_seconds == 3.0
+
+    free = TimeBudget(None, clock=clock)  # no --time: the budget only measures
+    free.settle()
+    free.start(eval_batches=6, sampling=False)
+    with free.timing_step():
+        clock.now += 1.0
+    assert not free.limited and free.left is None
+    assert not free.out_of_time(None, any_rank) and free.fit(step=5, ran=5, every=10) is None
+    assert free.elapsed() == 1.0
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     trained, corpus, cache, cli, tmp_path, monkeypatch
 ):
-    import tformer_cli.training.pretrain as trainer
+    import tformer_cli.training.loop as trainer
 
     real, calls = trainer.lm_loss, {"n": 0}
 
@@ -347,7 +386,8 @@ def test_resume_with_a_different_model_is_refused(trained, corpus, cache, cli):
 def test_toml_config_then_flags(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(
-        'preset = "tiny"\n[train]\nlr = 3e-4\nbatch_size = 8\ntime = "2m"\n[model]\ndim = 128\nn_heads = 4\n'
+        'preset = "tiny"\n[train]\nlr = 3e-4\nbatch_size = 8\ntime = "2m"\n'
+        "[model]\ndim = 128\nn_heads = 4\n"
     )
     cfg = load_train_config(path, {"lr": 1e-3, "seed": None})
     assert (cfg.preset, cfg.lr, cfg.batch_size, cfg.time) == ("tiny", 1e-3, 8, 120.0)

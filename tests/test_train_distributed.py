@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo) trains the same model as one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo) trains the same model as one process with the same global
+batch."""
 
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ def auto_precision(device: torch.device, job: str) -> tuple[str, str]:
         if cpu_has_fast_bf16():
             return (
                 "bf16",
-                "this CPU multiplies bf16 in hardware (AVX512-BF16/AMX): bf16 autocast trains ~1.45x faster",
+                "this CPU multiplies bf16 in hardware (AVX512-BF16/AMX): "
+                "bf16 autocast trains ~1.45x faster",
             )
         return "fp32", "this CPU has no bf16 matrix instructions: bf16 would be slower than fp32"
     if device.type == "cpu":
@@ -90,7 +91,8 @@ def auto_precision(device: torch.device, job: str) -> tuple[str, str]:
 
 
 def resolve_precision(name: str, device: torch.device, job: str = "train") -> str:
-    """fp32, bf16 or fp16 for --precision; auto picks the fastest correct one for the device and job."""
+    """fp32, bf16 or fp16 for --precision; auto picks the fastest correct one for the device and
+    the job."""
     if name not in PRECISIONS:
         raise TformerError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if name == "auto":
@@ -128,8 +130,17 @@ def machine_info() -> dict[str, object]:
     return info
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued work on the device, so timings and memory figures are complete."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def matmul_peak_flops(device: torch.device, precision: str = "fp32", seconds: float = 0.3) -> float:
-    """Measured dense matmul throughput (FLOP/s) of this device at this precision: the MFU denominator."""
+    """Measured dense matmul throughput (FLOP/s) of this device at this precision: MFU's
+    denominator."""
     import time
 
     dtype = DTYPES[precision]
@@ -137,18 +148,13 @@ def matmul_peak_flops(device: torch.device, precision: str = "fp32", seconds: fl
     gen = torch.Generator().manual_seed(0)  # leave the global RNG (training's dropout stream) alone
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     a @ b  # warm up
-    sync()
+    sync(device)
     n, start = 0, time.perf_counter()
     while True:
         a @ b
         n += 1
-        sync()
+        sync(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds or n >= 1000:
             return 2 * size**3 * n / elapsed

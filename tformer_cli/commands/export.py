@@ -23,7 +23,10 @@ def export(
     run_dir: Path = typer.Argument(
         ...,
         metavar="RUN_DIR",
-        help="The run to export: a run directory, its best/ or a checkpoint file inside either (LoRA runs are merged).",
+        help=(
+            "The run to export: a run directory, its best/ or a checkpoint file inside either "
+            "(LoRA runs are merged)."
+        ),
     ),
     fmt: str = typer.Option(
         ...,

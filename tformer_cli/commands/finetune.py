@@ -1,16 +1,18 @@
-"""`tformer finetune BASE_RUN DATA -o RUN_DIR`: LoRA or full fine-tuning on instruction and chat data."""
+"""`tformer finetune BASE_RUN DATA -o RUN_DIR`: LoRA or full fine-tuning on instruction and chat
+data."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 
 from tformer_cli.commands.progress import run_with_progress
 from tformer_cli.data.chat_template import encode_chat, plain_transcript
-from tformer_cli.inference.engine import generate
 from tformer_cli.inference.sampling import SamplingConfig
-from tformer_cli.training.config import load_train_config, parse_duration
+from tformer_cli.inference.text import generate
+from tformer_cli.training.config import config_flags, load_train_config, parse_duration
 from tformer_cli.training.finetune import FinetuneOptions
 from tformer_cli.training.finetune import finetune as run_finetune
 
@@ -27,7 +29,7 @@ def _chat_sampler(model, tok) -> str:
     messages = [{"role": "user", "content": SAMPLE_PROMPT}]
     if tok.has_chat_markers:
         ids = encode_chat(tok, messages)
-    else:  # a base without the markers (an imported model) fine-tunes on text: continue a transcript
+    else:  # a base without the markers (an imported model) learns text: continue a transcript
         ids = [tok.bos_id, *tok.encode(plain_transcript(messages))]
     ids = ids[-model.config.max_seq_len + 60 :]
     (reply,), _ = generate(model, tok, [ids], SamplingConfig(temperature=0), 60)
@@ -38,12 +40,14 @@ def finetune(
     base: Path = typer.Argument(
         ...,
         metavar="BASE_RUN",
-        help="The base model: a run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory.",
+        help="The base model: a run directory, its best/, a model.safetensors inside either, "
+        "or a Hugging Face Llama directory.",
     ),
     data: list[Path] = typer.Argument(
         ...,
         metavar="DATA",
-        help="JSONL/JSON files (messages, instruction/input/output, prompt/completion, text) or .txt.",
+        help="JSONL/JSON files (messages, instruction/input/output, prompt/completion, text) "
+        "or .txt.",
     ),
     output: Path = typer.Option(
         ..., "-o", "--output", metavar="RUN_DIR", help="The run directory to write."
@@ -102,27 +106,12 @@ def finetune(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fine-tune a base run on instruction or chat data (loss on the assistant's tokens)."""
-    cfg = load_train_config(
-        None,
-        dict(
-            max_steps=max_steps,
-            time=parse_duration(time_budget) if time_budget else None,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            seq_len=seq_len,
-            lr=lr or (5e-4 if lora else 1e-4),
-            warmup=warmup,
-            weight_decay=weight_decay,
-            precision=precision,
-            device=device,
-            seed=seed,
-            eval_every=eval_every,
-            eval_batches=eval_batches,
-            save_every=save_every,
-            log_every=log_every,
-            sample_every=sample_every,
-        ),
+    flags = config_flags(
+        locals(),
+        time=parse_duration(time_budget) if time_budget else None,
+        lr=lr or (5e-4 if lora else 1e-4),
     )
+    cfg = load_train_config(None, flags)
     opts = FinetuneOptions(
         lora=lora,
         rank=lora_rank,
@@ -135,19 +124,5 @@ def finetune(
         epochs=epochs,
         merge=merge,
     )
-    run_with_progress(
-        lambda on_event, stop: run_finetune(
-            cfg,
-            opts,
-            base,
-            data,
-            output,
-            resume=resume,
-            overwrite=overwrite,
-            on_event=on_event,
-            stop=stop,
-            sampler=_chat_sampler,
-        ),
-        quiet,
-        as_json,
-    )
+    how = dict(resume=resume, overwrite=overwrite, sampler=_chat_sampler)
+    run_with_progress(partial(run_finetune, cfg, opts, base, data, output, **how), quiet, as_json)

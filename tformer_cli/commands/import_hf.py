@@ -26,7 +26,7 @@ def import_command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
-    """Import a local Hugging Face Llama checkpoint, so finetune, chat, generate and profile work on it."""
+    """Import a local Hugging Face Llama checkpoint, so finetune, chat, generate and profile work on it."""  # noqa: E501 - --help shows the docstring line as written
     result = import_hf(hf_dir, output, overwrite)
     console = Console()
     console.print(

@@ -36,7 +36,7 @@ def parse_seq_lens(text: str) -> list[int]:
 
 
 def default_preset_line(source: ModelSource) -> str:
-    """What profile says first when no model was named, so nobody mistakes whose figures these are."""
+    """What profile says first when no model was named: whose figures these are."""
     return (
         f"profiling the default preset of `tformer train`: {source.label} "
         f"({source.config.num_params():,} parameters); choose another with -m, --preset or --config"
@@ -49,26 +49,38 @@ def profile(
         "-m",
         "--model",
         metavar="RUN_DIR",
-        help="A run directory, its best/, a model.safetensors inside either, or a Hugging Face Llama directory.",
+        help=(
+            "A run directory, its best/, a model.safetensors inside either, or a Hugging Face "
+            "Llama directory."
+        ),
     ),
     preset: str = typer.Option(
         None,
         "--preset",
         metavar="NAME",
-        help="A named model shape: nano, micro, tiny, small, small-gqa, gpt2 (default: micro, as `tformer train`).",
+        help=(
+            "A named model shape: nano, micro, tiny, small, small-gqa, gpt2 "
+            "(default: micro, as `tformer train`)."
+        ),
     ),
     config_file: Path = typer.Option(
         None,
         "--config",
         metavar="FILE",
-        help="A TOML (or .json) file with a \\[model] table of model fields; `preset = NAME` starts from a preset.",
+        help=(
+            "A TOML (or .json) file with a \\[model] table of model fields; "
+            "`preset = NAME` starts from a preset."
+        ),
     ),
     seq_len: str = typer.Option(
         None,
         "--seq-len",
         "-T",
         metavar="T",
-        help="Context length, or a comma-separated list for a scaling table (default: the model's max_seq_len).",
+        help=(
+            "Context length, or a comma-separated list for a scaling table "
+            "(default: the model's max_seq_len)."
+        ),
     ),
     batch_size: int = typer.Option(1, "--batch-size", "-B", help="Sequences per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -88,7 +100,7 @@ def profile(
         help="Run the measurements (--no-measure: analytic figures only, instant).",
     ),
 ) -> None:
-    """Where memory and time go: parameters, FLOPs, memory, measured speed, what fits, and how it scales with T."""
+    """Where memory and time go: parameters, FLOPs, memory, measured speed, what fits, and how it scales with T."""  # noqa: E501 - --help shows the docstring line as written
     source = resolve_source(model_dir, preset, config_file)
     if batch_size < 1:
         raise TformerError(f"--batch-size must be at least 1, got {batch_size}")

@@ -14,8 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tformer_cli.commands.runcard import render_run_card
+from tformer_cli.training.budget import UNTIL_FITTED
+from tformer_cli.units import human_duration
 
-Work = Callable[[Callable[[str, dict], None], threading.Event], dict[str, Any]]
+# A training recipe with everything but its reporting bound: work(on_event=..., stop=...) -> card
+Work = Callable[..., dict[str, Any]]
 
 
 def install_interrupt(stop: threading.Event, console: Console, training: Callable[[], bool]):
@@ -58,7 +61,11 @@ def run_dir_line(d: dict[str, Any]) -> str:
 
 
 class Reporter:
-    """Turns the trainer's events into a rich progress bar and log lines on stderr."""
+    """Turns the trainer's events into a rich progress bar and log lines on stderr.
+
+    Called as on_event(kind, data); each kind it shows has a method on_<kind>(data), and the
+    kinds without one are not shown.
+    """
 
     def __init__(self, console: Console, quiet: bool):
         self.console, self.quiet = console, quiet
@@ -78,18 +85,21 @@ class Reporter:
         self.console.print(f"training a {d['vocab_size']}-token tokenizer on the corpus ...")
 
     def on_tokenizer_done(self, d):
-        self.console.print(f"tokenizer: {d['vocab_size']} tokens in {d['seconds']:.1f}s")
+        took = human_duration(d["seconds"])
+        self.console.print(f"tokenizer: {d['vocab_size']} tokens in {took}")
 
     def on_data(self, d):
         if "train_examples" in d:
             cut = f", {d['truncated']} truncated to the window" if d["truncated"] else ""
             self.console.print(
-                f"data: {d['train_examples']:,} training and {d['val_examples']:,} validation examples{cut}"
+                f"data: {d['train_examples']:,} training and {d['val_examples']:,} validation "
+                f"examples{cut}"
             )
             return
         src = "cached" if d["cached"] else "tokenised"
         self.console.print(
-            f"data ({src}): {d['train_tokens']:,} training and {d['val_tokens']:,} validation tokens"
+            f"data ({src}): {d['train_tokens']:,} training and {d['val_tokens']:,} validation "
+            "tokens"
         )
 
     def on_resumed(self, d):
@@ -120,7 +130,7 @@ class Reporter:
             transient=False,
         )
         self.progress.start()
-        total = d["total_steps"] if d["total_steps"] < 10**9 else None
+        total = d["total_steps"] if d["total_steps"] < UNTIL_FITTED else None
         self.task = self.progress.add_task(
             "train", total=total, completed=d["start_step"], loss=float("nan"), rate=0.0
         )
@@ -128,7 +138,7 @@ class Reporter:
     def _update(self, step, total, **fields):
         if self.progress is not None:
             self.progress.update(
-                self.task, completed=step, total=total if total < 10**9 else None, **fields
+                self.task, completed=step, total=total if total < UNTIL_FITTED else None, **fields
             )
 
     def on_tick(self, d):
@@ -149,12 +159,14 @@ class Reporter:
         self.console.print(f"[dim]sample at step {d['step']}:[/]\n[cyan]{d['text']}[/]")
 
     def close(self):
+        """Stop the progress bar, leaving its last state on screen."""
         if self.progress is not None:
             self.progress.stop()
 
 
 def run_with_progress(work: Work, quiet: bool, as_json: bool) -> None:
-    """Run work(on_event, stop) with a progress bar and Ctrl-C handling, then show its run card.
+    """Run work(on_event=..., stop=...) with a progress bar and Ctrl-C handling, then show its
+    run card.
 
     Under torchrun only rank 0 prints. An interrupted run exits with 130 after saying how to resume.
     """
@@ -164,7 +176,7 @@ def run_with_progress(work: Work, quiet: bool, as_json: bool) -> None:
     reporter = Reporter(err, quiet or not is_main)
     previous = install_interrupt(stop, err, lambda: reporter.training)
     try:
-        card = work(reporter, stop)
+        card = work(on_event=reporter, stop=stop)
     finally:
         reporter.close()
         if previous is not None:

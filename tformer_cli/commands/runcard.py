@@ -22,8 +22,13 @@ def _bpb(value: float | None) -> str:
 def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of the card, in display order."""
     m = card["model"]
-    shape = f"{m['n_layers']} layers, dim {m['dim']}, {m['n_heads']} heads ({m['n_kv_heads']} kv), vocab {m['vocab_size']}"
+    shape = (
+        f"{m['n_layers']} layers, dim {m['dim']}, {m['n_heads']} heads ({m['n_kv_heads']} kv), "
+        f"vocab {m['vocab_size']}"
+    )
+    best = f"{_num(card['best_val_loss'])}{_bpb(card['best_val_bpb'])}"
     mfu = card.get("mfu")
+    peak = card.get("matmul_peak_flops")
     return [
         ("model", f"{card['preset']}: {shape}"),
         ("parameters", f"{card['params']:,}"),
@@ -38,17 +43,14 @@ def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
             + (" (interrupted)" if card["interrupted"] else ""),
         ),
         ("tokens seen", f"{card['tokens_seen']:,}"),
-        (
-            "best val loss",
-            f"{_num(card['best_val_loss'])}{_bpb(card['best_val_bpb'])} at step {card['best_step']}",
-        ),
+        ("best val loss", f"{best} at step {card['best_step']}"),
         ("final val loss", f"{_num(card['final_val_loss'])}{_bpb(card['final_val_bpb'])}"),
         ("throughput", f"{card['tokens_per_s']:,.0f} tokens/s"),
         (
             "MFU",
             "-"
             if mfu is None
-            else f"{100 * mfu:.1f}% of {card['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s measured matmul peak",
+            else f"{100 * mfu:.1f}% of {peak / 1e9:,.0f} GFLOP/s measured matmul peak",
         ),
         ("peak memory", human_bytes(card["peak_memory_bytes"])),
         ("wall time", human_duration(card["wall_seconds"])),
@@ -58,6 +60,7 @@ def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def render_run_card(card: dict[str, Any], console: Console) -> None:
+    """The card as a two-column rich table."""
     table = Table(title=f"run card: {card['run_dir']}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")

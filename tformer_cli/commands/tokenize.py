@@ -77,14 +77,14 @@ def train(
         2_000_000, "--max-sentences", help="Sample at most this many lines (bounds memory)."
     ),
 ) -> None:
-    """Train a tokenizer on a corpus (byte fallback, split digits, exact whitespace, chat markers)."""
+    """Train a tokenizer on a corpus (byte fallback, split digits, exact whitespace, chat markers)."""  # noqa: E501 - --help shows the docstring line as written
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     err = Console(stderr=True)
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("reading corpus", total=None)
 
         def on_progress(done: int, total: int) -> None:
-            # sentencepiece reads (and samples) the whole corpus first, then trains without reporting
+            # sentencepiece reads (and samples) the whole corpus first, then trains silently
             label = "training" if done >= total else "reading corpus"
             bar.update(task, description=label, completed=done, total=total)
 

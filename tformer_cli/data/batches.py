@@ -27,7 +27,8 @@ class BatchSampler:
     def batch(
         self, step: int, batch_size: int, part: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of shape (n, seq_len) for the rows `part` of step's global batch; y is x shifted by one."""
+        """(x, y) of shape (n, seq_len) for the rows `part` of step's global batch; y is x
+        shifted by one."""
         rows = [self.tokens[o : o + self.seq_len + 1] for o in self.offsets(step, batch_size)[part]]
         data = torch.from_numpy(np.stack(rows).astype(np.int64))
         return data[:, :-1], data[:, 1:]

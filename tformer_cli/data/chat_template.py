@@ -21,11 +21,13 @@ PLAIN_STOPS = ("\nUser:", "\nAssistant:")
 def encode_chat_with_mask(
     tok: Tokenizer, messages: list[dict[str, str]]
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, for each, whether it is assistant output (content and its <|end|>)."""
+    """Token ids of a conversation and, for each, whether it is assistant output (its content
+    and <|end|>)."""
     if not tok.has_chat_markers:
         raise TformerError(
-            f"{tok.path}: this tokenizer has no chat markers ({', '.join(CHAT_MARKERS)}), which chat, "
-            'Alpaca and prompt/completion data need; use text data ({"text": ...} or .txt) with this base'
+            f"{tok.path}: this tokenizer has no chat markers ({', '.join(CHAT_MARKERS)}), "
+            "which chat, Alpaca and prompt/completion data need; "
+            'use text data ({"text": ...} or .txt) with this base'
         )
     end = tok.marker_ids["<|end|>"]
     ids, mask = [tok.bos_id], [False]

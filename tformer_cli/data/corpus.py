@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from tformer_cli.errors import TformerError
+from tformer_cli.errors import TformerError, decode_utf8, parse_json
 
 CORPUS_SUFFIXES = (".txt", ".jsonl")
 CHUNK_BYTES = 1 << 20
@@ -91,8 +91,10 @@ def _subdirs(directory: Path) -> list[Path]:
 
 def _tformer_output(directory: Path) -> bool:
     """A run directory (finished or not) or a pre-tokenised corpus, by what tformer writes there."""
+    # runs.rundir and data.pretokenize build on this module: imported when first needed
+    from tformer_cli.data.pretokenize import META_FILE
     from tformer_cli.runs.lock import LOCK_FILE
-    from tformer_cli.runs.rundir import TRAIN_STATE_DIR, is_run_dir  # rundir builds on this module
+    from tformer_cli.runs.rundir import METRICS_FILE, TOKENIZER_FILE, TRAIN_STATE_DIR, is_run_dir
 
     if (
         is_run_dir(directory)
@@ -100,9 +102,9 @@ def _tformer_output(directory: Path) -> bool:
         or (directory / TRAIN_STATE_DIR).is_dir()
     ):
         return True
-    if (directory / "metrics.jsonl").is_file() and (directory / "tokenizer.model").is_file():
+    if (directory / METRICS_FILE).is_file() and (directory / TOKENIZER_FILE).is_file():
         return True  # a start that has not saved its first checkpoint (config.json) yet
-    return _token_meta(directory / "meta.json")
+    return _token_meta(directory / META_FILE)
 
 
 def _token_meta(path: Path) -> bool:
@@ -115,13 +117,7 @@ def _token_meta(path: Path) -> bool:
 
 
 def _decode(data: bytes, path: Path, offset: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad = data[e.start]
-        raise TformerError(
-            f"{path}: not UTF-8 text (byte 0x{bad:02x} at offset {offset + e.start}); convert it to UTF-8 first"
-        ) from None
+    return decode_utf8(data, path, offset, "; convert it to UTF-8 first")
 
 
 def iter_text_chunks(path: Path, chunk_bytes: int | None = None) -> Iterator[tuple[int, str]]:
@@ -167,12 +163,7 @@ def iter_jsonl_texts(path: Path) -> Iterator[tuple[int, str]]:
             line = _decode(raw, path, start).strip()
             if not line:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TformerError(
-                    f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
-                ) from None
+            record = parse_json(line, path, lineno)
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise TformerError(
                     f'{path}:{lineno}: expected an object with a "text" string field'
@@ -181,12 +172,14 @@ def iter_jsonl_texts(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def iter_documents(path: Path) -> Iterator[tuple[int, str]]:
-    """(byte offset, text) pieces of one corpus file: line-aligned chunks of a .txt, records of a .jsonl."""
+    """(byte offset, text) pieces of one corpus file: line-aligned chunks of a .txt, records of a
+    .jsonl."""
     return iter_jsonl_texts(path) if path.suffix == ".jsonl" else iter_text_chunks(path)
 
 
 def check_corpus_text(files: list[Path]) -> None:
-    """Read the corpus once, as training will: raise naming the file and place of the first bad byte or record.
+    """Read the corpus once, as training will: raise naming the file and the place of the first
+    bad byte or record.
 
     Checking before a run starts means a bad corpus stops the command before it creates,
     replaces or deletes anything.

@@ -1,11 +1,10 @@
 """Fine-tuning data: records in several formats -> token ids with a loss mask -> padded batches.
 
 Formats, detected per record (JSONL, a JSON array, or plain .txt):
-    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   multi-turn chat
-    {"instruction": "...", "input": "...", "output": "..."}                         Alpaca
-    {"prompt": "...", "completion": "..."}
-    {"text": "..."}                                                                 plain text
-    a .txt file                                                                     continued pretraining
+    multi-turn chat {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    Alpaca          {"instruction": "...", "input": "...", "output": "..."}
+    prompt          {"prompt": "...", "completion": "..."}
+    plain text      {"text": "..."}, or a .txt file (continued pretraining)
 The first three go through the chat template with loss on the assistant's tokens only.
 """
 
@@ -21,8 +20,9 @@ import torch
 
 from tformer_cli.data.chat_template import ROLES, encode_chat_with_mask
 from tformer_cli.data.tokenizer import Tokenizer
-from tformer_cli.errors import TformerError
+from tformer_cli.errors import TformerError, decode_utf8, parse_json
 from tformer_cli.training.loss import IGNORE
+from tformer_cli.units import human_bytes
 
 FORMATS = {
     "messages": ({"messages"}, set()),
@@ -60,14 +60,11 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
     if path.suffix == ".json":
         if path.stat().st_size > JSON_LIMIT:
             raise TformerError(
-                f"{path}: a .json array over {JSON_LIMIT >> 20} MB; write the records as JSONL "
+                f"{path}: a .json array over {human_bytes(JSON_LIMIT)}; write the records as JSONL "
                 "(one per line), which is streamed"
             )
         text = _utf8(path.read_bytes(), str(path))
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TformerError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        data = parse_json(text, path)
         if not isinstance(data, list):
             raise TformerError(f"{path}: a .json data file must hold an array of records")
         for i, r in enumerate(data):
@@ -78,7 +75,7 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
             where = f"{path}:{lineno}"
             if len(raw) > RECORD_LIMIT:
                 raise TformerError(
-                    f"{where}: a record longer than {RECORD_LIMIT >> 20} MB; split it"
+                    f"{where}: a record longer than {human_bytes(RECORD_LIMIT)}; split it"
                 )
             line = _utf8(raw, where)
             if not line.strip():
@@ -98,7 +95,7 @@ def _utf8(data: bytes, where: str, cut_ok: bool = False) -> str:
     except UnicodeDecodeError as e:
         if cut_ok and e.start >= len(data) - 3 and e.reason == "unexpected end of data":
             return data[: e.start].decode("utf-8")
-        raise TformerError(f"{where}: not UTF-8 text (byte offset {e.start})") from None
+    return decode_utf8(data, where)  # raises, naming the byte
 
 
 def record_messages(record: object, where: str) -> tuple[str, list[dict[str, str]] | str]:
@@ -116,8 +113,8 @@ def record_messages(record: object, where: str) -> tuple[str, list[dict[str, str
             break
     else:
         raise TformerError(
-            f"{where}: unknown record with fields {', '.join(sorted(keys)) or '(none)'}; expected messages, "
-            "instruction/input/output, prompt/completion or text"
+            f"{where}: unknown record with fields {', '.join(sorted(keys)) or '(none)'}; "
+            "expected messages, instruction/input/output, prompt/completion or text"
         )
     values = [record[k] for k in required | (optional & keys)]
     if name != "messages" and not all(isinstance(v, str) for v in values):
@@ -178,6 +175,7 @@ def to_example(
 def load_examples(
     paths: list[Path], tok: Tokenizer, train_on_prompt: bool = False
 ) -> list[Example]:
+    """Every record of the files as an example; those with no target token are left out."""
     examples = []
     for path in paths:
         for where, record in read_records(Path(path)):
@@ -185,7 +183,8 @@ def load_examples(
     examples = [e for e in examples if any(e.mask[1:])]
     if not examples:
         raise TformerError(
-            f"{', '.join(map(str, paths))}: no examples with anything to learn (the data set is empty)"
+            f"{', '.join(map(str, paths))}: no examples with anything to learn "
+            "(the data set is empty)"
         )
     return examples
 
@@ -201,7 +200,8 @@ class ExampleBatches:
         kept = [e for e in examples if any(e.mask[1 : seq_len + 1])]
         if not kept:
             raise TformerError(
-                f"no example has a token to learn within --seq-len {seq_len}; use a longer --seq-len"
+                f"no example has a token to learn within --seq-len {seq_len}; "
+                "use a longer --seq-len"
             )
         self.dropped = len(examples) - len(kept)
         self.examples, self.seq_len, self.pad_id, self.seed, self.shuffle = (
@@ -223,7 +223,8 @@ class ExampleBatches:
     def batch(
         self, step: int, batch_size: int, part: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows `part` of step's batch: x (n, seq_len) padded with pad, y with IGNORE where there is no loss."""
+        """Rows `part` of step's batch: x (n, seq_len) padded with pad, y with IGNORE where
+        there is no loss."""
         n = len(self.examples)
         picks = []
         for k in range(step * batch_size, (step + 1) * batch_size)[part]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -50,14 +51,17 @@ class TokenData:
 
     @property
     def train_path(self) -> Path:
+        """train.bin."""
         return self.path("train")
 
     @property
     def val_path(self) -> Path:
+        """val.bin."""
         return self.path("val")
 
     @property
     def meta_path(self) -> Path:
+        """meta.json: counts and hashes, written last (a directory without it is unfinished)."""
         return Path(self.directory) / META_FILE
 
     def load(self, split: str) -> np.ndarray:
@@ -107,48 +111,10 @@ def pretokenize(
     files = resolve_corpus(paths)
     out = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
-    total = sum(p.stat().st_size for p in files)
-    tmp: dict[str, Path] = {}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / META_FILE).unlink(missing_ok=True)  # a stale meta.json must not vouch for new files
-        for split in SPLITS:
-            fd, name = tempfile.mkstemp(prefix=f".{split}.bin.", suffix=".tmp", dir=out)
-            os.close(fd)
-            tmp[split] = Path(name)
-        sinks = {split: open(tmp[split], "wb") for split in SPLITS}
-    except OSError as e:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        raise TformerError(f"{out}: cannot write token files there ({e.strerror})") from None
+    tmp, sinks = _open_token_files(out)
     pending = _Pending(tokenizer, sinks, dtype, num_threads)
-    done = 0
     try:
-        for path in files:
-            size = path.stat().st_size
-            split_at = int(size * (1 - val_fraction))
-            started: set[str] = set()
-            for offset, text in iter_documents(path):
-                if path.suffix == ".jsonl":  # a record is a document: it goes whole to one split
-                    split = "val" if offset >= split_at else "train"
-                    pending.add(split, tokenizer.bos_id, text, tokenizer.eos_id)
-                else:  # the file is one document per split it reaches: BOS ... EOS in each
-                    for split, piece in _split_piece(offset, text, split_at):
-                        if split not in started:
-                            started.add(split)
-                            pending.add(split, tokenizer.bos_id)
-                        pending.add(split, piece)
-                if pending.chars >= FLUSH_CHARS:
-                    pending.flush()
-                if progress:
-                    progress(done + offset, total)
-            for split in SPLITS:
-                if split in started:
-                    pending.add(split, tokenizer.eos_id)
-            pending.flush()
-            done += size
-            if progress:
-                progress(done, total)
+        _tokenize_files(files, pending, val_fraction, progress)
     except BaseException:  # failed or interrupted: leave nothing half-written behind
         for path in tmp.values():
             path.unlink(missing_ok=True)
@@ -176,6 +142,56 @@ def pretokenize(
     }
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     return data
+
+
+def _open_token_files(out: Path) -> tuple[dict[str, Path], dict[str, BinaryIO]]:
+    """Temporary token files in out, one a split, opened for writing: (paths, files)."""
+    tmp: dict[str, Path] = {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / META_FILE).unlink(missing_ok=True)  # a stale meta.json must not vouch for new files
+        for split in SPLITS:
+            fd, name = tempfile.mkstemp(prefix=f".{split}.bin.", suffix=".tmp", dir=out)
+            os.close(fd)
+            tmp[split] = Path(name)
+        return tmp, {split: open(tmp[split], "wb") for split in SPLITS}
+    except OSError as e:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise TformerError(f"{out}: cannot write token files there ({e.strerror})") from None
+
+
+def _tokenize_files(
+    files: list[Path], pending: _Pending, val_fraction: float, progress: Progress | None
+) -> None:
+    """Every file's documents into pending, each split of a file framed by BOS ... EOS."""
+    bos, eos = pending.tokenizer.bos_id, pending.tokenizer.eos_id
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    for path in files:
+        size = path.stat().st_size
+        split_at = int(size * (1 - val_fraction))
+        started: set[str] = set()
+        for offset, text in iter_documents(path):
+            if path.suffix == ".jsonl":  # a record is a document: it goes whole to one split
+                pending.add("val" if offset >= split_at else "train", bos, text, eos)
+            else:  # the file is one document per split it reaches: BOS ... EOS in each
+                for split, piece in _split_piece(offset, text, split_at):
+                    if split not in started:
+                        started.add(split)
+                        pending.add(split, bos)
+                    pending.add(split, piece)
+            if pending.chars >= FLUSH_CHARS:
+                pending.flush()
+            if progress:
+                progress(done + offset, total)
+        for split in SPLITS:
+            if split in started:
+                pending.add(split, eos)
+        pending.flush()
+        done += size
+        if progress:
+            progress(done, total)
 
 
 def _split_piece(offset: int, text: str, split_at: int) -> list[tuple[str, str]]:
@@ -206,12 +222,14 @@ class _Pending:
         self.bytes = dict.fromkeys(SPLITS, 0)
 
     def add(self, split: str, *items: str | int) -> None:
+        """Queue texts (to encode) and token ids (as they are) for split, in order."""
         for item in items:
             self.items.append((split, item))
             if isinstance(item, str):
                 self.chars += len(item)
 
     def flush(self) -> None:
+        """Encode what is queued and append the ids to the split files."""
         texts = [t for _, t in self.items if isinstance(t, str)]
         # One batch on all threads: sentencepiece encodes the texts of a list in parallel.
         encoded = iter(self.tokenizer.encode_batch(texts, self.num_threads) if texts else [])
@@ -265,7 +283,8 @@ def read_token_data(directory: Path) -> TokenData | None:
 
 
 def check_token_data(data: TokenData, vocab_size: int) -> None:
-    """Raise TokenDataError unless the token files have the sizes meta.json gives and every id < vocab_size.
+    """Raise TokenDataError unless the token files have the sizes meta.json gives and every id
+    is below vocab_size.
 
     The range check reads each file once (memory-mapped); it catches a cache built with another
     tokenizer or damaged in place, which would otherwise fail mid-training with a bare IndexError.

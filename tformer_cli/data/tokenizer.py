@@ -31,6 +31,24 @@ MAX_LINE_CHARS = 16_384  # longer lines are cut for training: sentencepiece skip
 # sentencepiece writes a space as U+2581 inside pieces and decodes every U+2581 back to a space,
 # so a literal U+2581 in the text is encoded as its UTF-8 bytes (byte-fallback pieces) instead.
 SPACE_SYMBOL = "\u2581"
+# What makes a tformer tokenizer (see above): text round-trips exactly (identity normalisation,
+# whitespace kept, byte fallback), digits split, fixed special ids, the chat markers and the
+# newline single tokens; sentencepiece's own logging off.
+TRAINER_OPTIONS = {
+    "byte_fallback": True,
+    "split_digits": True,
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": False,
+    "normalization_rule_name": "identity",
+    "allow_whitespace_only_pieces": True,
+    "user_defined_symbols": [*CHAT_MARKERS, "\n"],
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": 3,
+    "max_sentence_length": 4 * MAX_LINE_CHARS,
+    "minloglevel": 2,
+}
 
 
 class Tokenizer:
@@ -48,7 +66,8 @@ class Tokenizer:
             m: i for m in CHAT_MARKERS if (i := processor.piece_to_id(m)) != processor.unk_id()
         }
         byte_ids = [processor.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode()]
-        # A foreign model without byte fallback cannot keep a literal U+2581; leave it to sentencepiece.
+        # A foreign model without byte fallback cannot keep a literal U+2581:
+        # leave it to sentencepiece.
         self._space_symbol_ids = byte_ids if all(processor.is_byte(i) for i in byte_ids) else None
 
     @property
@@ -87,7 +106,8 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TformerError(
-                f"token id {bad[0]} is out of range: this tokenizer has ids 0..{self.vocab_size - 1}"
+                f"token id {bad[0]} is out of range: "
+                f"this tokenizer has ids 0..{self.vocab_size - 1}"
             )
         return self.sp.decode(ids)
 
@@ -101,14 +121,17 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a sentencepiece .model file (or a run directory's tokenizer.model), with a clear error."""
+    """Load a sentencepiece .model file (or a run directory's tokenizer.model), with a clear
+    error."""
+    from tformer_cli.runs.rundir import TOKENIZER_FILE  # rundir builds on this module
+
     path = Path(path)
     if path.is_dir():
-        if not (path / "tokenizer.model").is_file():
+        if not (path / TOKENIZER_FILE).is_file():
             raise TformerError(
-                f"{path}: a directory without tokenizer.model; give the tokenizer's .model file"
+                f"{path}: a directory without {TOKENIZER_FILE}; give the tokenizer's .model file"
             )
-        path = path / "tokenizer.model"
+        path = path / TOKENIZER_FILE
     if not path.is_file():
         raise TformerError(f"{path}: tokenizer not found; train one with `tformer tokenize train`")
     data = path.read_bytes()
@@ -171,20 +194,8 @@ def train_tokenizer(
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=character_coverage,
-            byte_fallback=True,
-            split_digits=True,
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            normalization_rule_name="identity",
-            allow_whitespace_only_pieces=True,
-            user_defined_symbols=[*CHAT_MARKERS, "\n"],
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=3,
-            max_sentence_length=4 * MAX_LINE_CHARS,
-            minloglevel=2,
             num_threads=os.cpu_count() or 1,
+            **TRAINER_OPTIONS,
         )
     except RuntimeError as e:
         raise TformerError(_explain_training_error(str(e), vocab_size)) from None
@@ -252,7 +263,8 @@ def _explain_training_error(message: str, vocab_size: int) -> str:
     too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_low:
         return (
-            f"--vocab-size {vocab_size} is too small: this corpus needs at least {too_low.group(2)} "
+            f"--vocab-size {vocab_size} is too small: "
+            f"this corpus needs at least {too_low.group(2)} "
             "(256 byte-fallback pieces, the special tokens and its common characters)"
         )
     if "no sentences" in message.lower() or "empty" in message.lower():

@@ -16,8 +16,10 @@ from models import Transformer
 from tformer_cli.data.chat_template import PLAIN_STOPS, encode_chat, plain_transcript
 from tformer_cli.data.tokenizer import Tokenizer
 from tformer_cli.errors import TformerError
-from tformer_cli.inference.engine import GenerationStats, generate
+from tformer_cli.inference.engine import GenerationStats
 from tformer_cli.inference.sampling import SamplingConfig
+from tformer_cli.inference.text import generate
+from tformer_cli.units import human_bytes
 
 TRANSCRIPT_LIMIT = 16 << 20  # bytes: /load refuses larger files (and never reads past this)
 
@@ -33,6 +35,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 @dataclass
 class TurnStats:
+    """One reply: its tokens, how much of its prompt was prefilled or reused, the timings."""
+
     reply_tokens: int
     prefilled_tokens: int
     reused_tokens: int
@@ -188,17 +192,31 @@ class ChatSession:
             raise TformerError(f"{path}: cannot write the transcript ({e.strerror})") from None
 
     def load(self, path: str | Path) -> None:
-        """Replace the conversation with a saved transcript, checked whole before anything changes."""
+        """Replace the conversation with a saved transcript (checked whole before any change)."""
         data = read_transcript(Path(path))
         self.system, self.messages, self.cached = data["system"], data["messages"], []
 
 
 def read_transcript(path: Path) -> dict:
-    """{"system": str | None, "messages": [{"role", "content"}, ...]} from a /save file, or a TformerError.
+    """{"system": str | None, "messages": [{"role", "content"}, ...]} from a /save file.
 
     Only regular files up to TRANSCRIPT_LIMIT bytes are read (never /dev/zero or a pipe that
     does not end), and every field is checked, so a loaded transcript cannot fail a later turn.
+    Anything else is a TformerError.
     """
+    raw = _read_bounded(path)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TformerError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except ValueError as e:
+        raise TformerError(f"{path}: not JSON ({e})") from None
+    return _checked_transcript(data, f"{path}: not a tformer chat transcript")
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of a regular file of at most TRANSCRIPT_LIMIT bytes."""
+    limit = f"the transcript limit of {human_bytes(TRANSCRIPT_LIMIT)}"
     try:
         if not path.is_file():
             raise TformerError(
@@ -207,23 +225,18 @@ def read_transcript(path: Path) -> dict:
                 else f"{path}: not a regular file; /load reads a transcript saved with /save"
             )
         if path.stat().st_size > TRANSCRIPT_LIMIT:
-            raise TformerError(
-                f"{path}: {path.stat().st_size:,} bytes is over the transcript limit of "
-                f"{TRANSCRIPT_LIMIT >> 20} MB"
-            )
+            raise TformerError(f"{path}: {path.stat().st_size:,} bytes is over {limit}")
         with open(path, "rb") as f:
             raw = f.read(TRANSCRIPT_LIMIT + 1)
     except OSError as e:
         raise TformerError(f"{path}: cannot read the transcript ({e.strerror})") from None
-    if len(raw) > TRANSCRIPT_LIMIT:
-        raise TformerError(f"{path}: over the transcript limit of {TRANSCRIPT_LIMIT >> 20} MB")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise TformerError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
-    except ValueError as e:
-        raise TformerError(f"{path}: not JSON ({e})") from None
-    what = f"{path}: not a tformer chat transcript"
+    if len(raw) > TRANSCRIPT_LIMIT:  # it grew while being read
+        raise TformerError(f"{path}: over {limit}")
+    return raw
+
+
+def _checked_transcript(data, what: str) -> dict:
+    """The transcript in data, every field checked; what begins each error."""
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise TformerError(f'{what} (JSON with a "messages" list)')
     system = data.get("system")
@@ -238,7 +251,8 @@ def read_transcript(path: Path) -> dict:
             or not isinstance(m.get("content"), str)
         ):
             raise TformerError(
-                f'{what}: message {n} must be {{"role": "user" or "assistant", "content": a string}}'
+                f"{what}: message {n} must be "
+                '{"role": "user" or "assistant", "content": a string}'
             )
     messages = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
     for n, text in enumerate([system or "", *(m["content"] for m in messages)]):

@@ -1,9 +1,10 @@
-"""The generation engine: prefill in one pass, decode through the KV cache, stream text out.
+"""The generation engine: token ids in, one new token id per row and step out.
 
-Prefill runs the prompt through `model.hidden` in one pass (the head only on the last position);
-decoding then feeds one token per row through `DecodeStep`, which writes into the preallocated
-KV cache. Batches of prompts are left-padded: each row gets its own positions and a key mask,
-so a row's output equals what it would be alone.
+Prefill runs each prompt through the model in one pass; decoding then feeds one token per row
+through the preallocated KV cache. Both ask the model for the logits of the last position
+(`Transformer.last_logits`), which takes the model's fused one-token step where it applies.
+Batches of prompts are left-padded: each row gets its own positions and a key mask, so a row's
+output equals what it would be alone.
 
 Past the context window the window slides: when the cache is full, the last half of the window
 is prefilled again into the cache from slot 0 and decoding goes on. Positions restart at 0, so
@@ -11,114 +12,27 @@ learned and sinusoidal positions stay in range and RoPE models never see a posit
 not trained on; the model always sees at least half a window of context. `use_cache=False`
 recomputes the same window from scratch at every step through the plain forward pass, so
 greedy output is identical with and without the cache.
+
+Text (streaming decoded pieces, stop strings) is the caller's: see text.py, whose `generate`,
+`sample_text`, `Completion` and `StreamDecoder` are importable from here as well.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from models import KVCache, Transformer
-from models.decode import decode_step_for
-from tformer_cli.data.tokenizer import Tokenizer
 from tformer_cli.inference.sampling import SamplingConfig, sample
-
-REPLACEMENT = "\ufffd"  # what decoding shows for an unfinished UTF-8 character
-
-
-class StreamDecoder:
-    """Turns one row's tokens into text as they come, giving out only text that is final.
-
-    Each push decodes just the last few tokens (cost independent of the length so far): the
-    text of ids[prefix:] minus the text of ids[prefix:read] is what the new tokens add, which
-    keeps sentencepiece's word-boundary spaces right. A character split over byte-fallback
-    tokens waits until it is whole, and text that might be the start of a stop string is held
-    back until it is not.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stops: Iterable[str] = ()):
-        self.tok = tokenizer
-        self.stops = tuple(s for s in stops if s)
-        self.longest_stop = max((len(s) for s in self.stops), default=0)
-        self.ids: list[int] = []
-        self.text = ""  # all final text so far (cut before a stop string once one appears)
-        self.emitted = 0  # how much of text has been given out
-        self.stopped = False
-        self._prefix = self._read = 0
-
-    def push(self, token: int) -> str:
-        """Add a token; return the text that became final."""
-        if self.stopped:
-            return ""
-        self.ids.append(token)
-        window = self.tok.decode(self.ids[self._prefix :])
-        if window.endswith(REPLACEMENT):
-            return ""  # the last character is not complete yet
-        before = (
-            self.tok.decode(self.ids[self._prefix : self._read])
-            if self._read > self._prefix
-            else ""
-        )
-        scan_from = max(0, len(self.text) - self.longest_stop + 1)
-        self.text += window[len(before) :]
-        self._prefix, self._read = self._read, len(self.ids)
-        end = len(self.text)
-        if self.stops:
-            hits = [at for s in self.stops if (at := self.text.find(s, scan_from)) != -1]
-            if hits:
-                self.text, self.stopped = self.text[: min(hits)], True
-                end = len(self.text)
-            else:
-                end -= self._partial_stop()
-        return self._emit(end)
-
-    def finish(self) -> str:
-        """Whatever is still held back (an unfinished character shows as U+FFFD)."""
-        if not self.stopped and self._read < len(self.ids):
-            before = (
-                self.tok.decode(self.ids[self._prefix : self._read])
-                if self._read > self._prefix
-                else ""
-            )
-            self.text += self.tok.decode(self.ids[self._prefix :])[len(before) :]
-            self._prefix = self._read = len(self.ids)
-        return self._emit(len(self.text))
-
-    def _partial_stop(self) -> int:
-        """Length of the longest tail of the text that begins some stop string."""
-        for n in range(min(self.longest_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
-
-    def _emit(self, end: int) -> str:
-        if end <= self.emitted:
-            return ""
-        out, self.emitted = self.text[self.emitted : end], end
-        return out
-
-
-@dataclass
-class Completion:
-    """One row's result."""
-
-    prompt_ids: list[int]
-    ids: list[int] = field(
-        default_factory=list
-    )  # generated tokens, without the EOS that ended them
-    text: str = ""
-    finish: str = "length"  # "eos", "stop" or "length"
-    context: list[int] = field(
-        default_factory=list
-    )  # the tokens now in the KV cache (row 0 of a cache passed in)
 
 
 @dataclass
 class GenerationStats:
+    """Token counts and timings of one generate call."""
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0  # time to first token: prefill + the first sample
@@ -161,12 +75,9 @@ class _Window:
         self.pos = self.key_mask = self.last_pos = None
         if any(self.pads):
             pads = torch.tensor(self.pads, device=device)
-            self.pos = (torch.arange(self.width, device=device)[None] - pads[:, None]).clamp(
-                min=0
-            )  # (B, T)
-            self.key_mask = (
-                torch.arange(capacity, device=device)[None] >= pads[:, None]
-            )  # (B, capacity)
+            arange = torch.arange(self.width, device=device)
+            self.pos = (arange[None] - pads[:, None]).clamp(min=0)  # (B, T)
+            self.key_mask = torch.arange(capacity, device=device)[None] >= pads[:, None]  # (B, S)
             self.last_pos = self.width - 1 - pads  # (B,) each row's position of its newest token
 
     def advance(self) -> None:
@@ -176,149 +87,161 @@ class _Window:
             self.last_pos += 1
 
 
-def _eos_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """EOS and the chat template's <|end|>: either ends a reply."""
-    ids = [tokenizer.eos_id, getattr(tokenizer, "marker_ids", {}).get("<|end|>", -1)]
-    return tuple(i for i in ids if i >= 0)
+class TokenEngine:
+    """Continues prompts (lists of token ids) by up to max_new_tokens each, one step at a time.
 
+    Iterating yields each step's new token per row, or None for a row that has finished. A row
+    finishes at one of `ends` (not yielded; its finish is "eos"), when the caller calls stop(row)
+    ("stop"), or after max_new_tokens ("length"). Then ids holds each row's new tokens, stats the
+    counts and timings, and context the tokens the cache holds for row 0.
 
-@torch.inference_mode()
-def generate(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompts: list[list[int]],
-    sampling: SamplingConfig,
-    max_new_tokens: int,
-    stops: Iterable[str] = (),
-    use_cache: bool = True,
-    seed: int | None = None,
-    on_text: Callable[[int, str], None] | None = None,
-    cache: KVCache | None = None,
-    reuse: int = 0,
-    eos_ids: Iterable[int] | None = None,
-    fused_step: bool = True,
-) -> tuple[list[Completion], GenerationStats]:
-    """Continue each prompt (a list of ids, at most the context window long) by up to max_new_tokens.
-
-    on_text(row, text) receives each row's text as it becomes final. A row ends at one of
-    eos_ids (default: EOS and <|end|>), after a stop string (not included in the text) or after
-    max_new_tokens. A single prompt may bring its own cache whose first `reuse` slots already
-    hold the prompt's first tokens (a chat's earlier turns): only the rest is prefilled.
-    fused_step=False decodes through model.hidden instead of the fused DecodeStep (for comparison).
+    A single prompt may bring its own cache whose first `reuse` slots already hold the prompt's
+    first tokens (a chat's earlier turns): only the rest is prefilled. vocab limits sampling to
+    the first vocab ids (a tokenizer may know fewer than the model embeds). fused=False decodes
+    through hidden() instead of the model's fused step (for comparison).
     """
-    window = model.config.max_seq_len
-    keep = max(1, window // 2)
-    device = model.tok_emb.weight.device
-    rows = [list(p) or [tokenizer.bos_id] for p in prompts]
-    if any(len(r) > window for r in rows):
-        raise ValueError(f"a prompt is longer than the context window of {window} tokens")
-    B = len(rows)
-    ends = frozenset(_eos_ids(tokenizer) if eos_ids is None else eos_ids)
-    vocab = min(getattr(tokenizer, "vocab_size", model.config.vocab_size), model.config.vocab_size)
-    starts = [0] * B
-    results = [Completion(prompt_ids=list(r)) for r in rows]
-    decoders = [StreamDecoder(tokenizer, stops) for _ in rows]
-    done = [False] * B
-    stats = GenerationStats(prompt_tokens=sum(len(r) for r in rows))
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            seen[i, [t for t in r if t < vocab]] = True
-    if cache is None:
-        # Only as many slots as this call can fill: a short reply from a long-context model needs a
-        # fraction of the memory, and the window slides only once it is full, so nothing changes.
-        need = min(window, max(len(r) for r in rows) + max_new_tokens)
-        cache = model.new_cache(B, need) if use_cache else None
-        reuse = 0
-    elif B != 1 or not 0 <= reuse < len(rows[0]):
-        raise ValueError(
-            "a cache passed in serves one prompt, and reuse must leave a token to prefill"
-        )
-    step_fn = decode_step_for(model) if cache is not None and fused_step else None
-    capacity = cache.max_len if cache is not None else window
 
-    def prefill(win: _Window, skip: int = 0) -> torch.Tensor:
+    def __init__(
+        self,
+        model: Transformer,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        max_new_tokens: int,
+        ends: Iterable[int] = (),
+        *,
+        vocab: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        cache: KVCache | None = None,
+        reuse: int = 0,
+        fused: bool = True,
+    ):
+        self.model, self.sampling, self.max_new_tokens = model, sampling, max_new_tokens
+        self.window = model.config.max_seq_len
+        self.rows = [list(p) for p in prompts]
+        if not all(self.rows):
+            raise ValueError("a prompt is empty; start it with BOS at least")
+        if any(len(r) > self.window for r in self.rows):
+            raise ValueError(f"a prompt is longer than the context window of {self.window} tokens")
+        B = len(self.rows)
+        self.ends, self.fused = frozenset(ends), fused
+        self.vocab = min(vocab or model.config.vocab_size, model.config.vocab_size)
+        self.device = model.tok_emb.weight.device
+        self.ids: list[list[int]] = [[] for _ in range(B)]
+        self.finish = ["length"] * B
+        self.done = [False] * B
+        self.starts = [0] * B
+        self.context: list[int] = []
+        self.stats = GenerationStats(prompt_tokens=sum(len(r) for r in self.rows))
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seen = self._seen() if sampling.repetition_penalty != 1.0 else None
+        self.cache, self.reuse = self._cache(cache, reuse, use_cache)
+
+    def _seen(self) -> torch.Tensor:
+        """(B, vocab) bool: the tokens of each row so far, which the repetition penalty hits."""
+        seen = torch.zeros(len(self.rows), self.vocab, dtype=torch.bool, device=self.device)
+        for i, r in enumerate(self.rows):
+            seen[i, [t for t in r if t < self.vocab]] = True
+        return seen
+
+    def _cache(
+        self, cache: KVCache | None, reuse: int, use_cache: bool
+    ) -> tuple[KVCache | None, int]:
+        if cache is not None:
+            if len(self.rows) != 1 or not 0 <= reuse < len(self.rows[0]):
+                raise ValueError(
+                    "a cache passed in serves one prompt, and reuse must leave a token to prefill"
+                )
+            return cache, reuse
+        if not use_cache:
+            return None, 0
+        # Only as many slots as this call can fill: a short reply from a long-context model needs
+        # a fraction of the memory, and the window slides only once it is full, so nothing changes.
+        need = min(self.window, max(len(r) for r in self.rows) + self.max_new_tokens)
+        return self.model.new_cache(len(self.rows), need), 0
+
+    def stop(self, row: int) -> None:
+        """Finish a row now (its text reached a stop string)."""
+        self.done[row], self.finish[row] = True, "stop"
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[int | None]]:
+        """Prefill, then one step per new token: each row's token, None once it has finished."""
+        t0 = time.perf_counter()
+        win = self._window()
+        logits = self._prefill(win, self.reuse)
+        for step in range(self.max_new_tokens):
+            token = sample(logits, self.sampling, self.generator, self.seen)  # (B,)
+            ids = token.tolist()
+            if step == 0:
+                self.stats.prefill_seconds = time.perf_counter() - t0
+            yield self._take(ids, step)
+            if all(self.done) or step == self.max_new_tokens - 1:
+                break
+            win, logits = self._feed(win, token, ids)
+        self.stats.decode_seconds = time.perf_counter() - t0 - self.stats.prefill_seconds
+        filled = win.width if self.cache is not None else 0
+        start = self.starts[0]
+        self.context = self.rows[0][start : start + filled - win.pads[0]]
+
+    def _take(self, ids: list[int], step: int) -> list[int | None]:
+        """Each row's new token, None for a finished row; an end token finishes its row."""
+        out: list[int | None] = []
+        for i, t in enumerate(ids):
+            if not self.done[i] and t in self.ends:
+                self.done[i], self.finish[i] = True, "eos"
+            out.append(None if self.done[i] else t)
+            if not self.done[i]:
+                self.ids[i].append(t)
+        taken = sum(t is not None for t in out)
+        self.stats.new_tokens += taken
+        self.stats.decode_tokens += taken if step > 0 else 0
+        return out
+
+    def _feed(
+        self, win: _Window, token: torch.Tensor, ids: list[int]
+    ) -> tuple[_Window, torch.Tensor]:
+        """Append each row's token (finished rows too: every window then fills and slides in
+        step) and return the next window and its logits."""
+        if self.seen is not None:
+            self.seen.scatter_(1, token[:, None], True)
+        for r, t in zip(self.rows, ids, strict=True):
+            r.append(t)
+        if win.width == self.window:  # the window is full: keep its last half and prefill again
+            keep = max(1, self.window // 2)
+            self.starts = [
+                max(s, len(r) - keep) for r, s in zip(self.rows, self.starts, strict=True)
+            ]
+            self.stats.slides += 1
+        elif self.cache is not None:
+            win.advance()
+            return win, self._decode(win, token)
+        win = self._window()
+        return win, self._prefill(win)
+
+    def _window(self) -> _Window:
+        capacity = self.cache.max_len if self.cache is not None else self.window
+        return _Window(self.rows, self.starts, self.device, capacity)
+
+    def _prefill(self, win: _Window, skip: int = 0) -> torch.Tensor:
         """Logits (B, vocab) after the window; with a cache, slots skip.. are (re)written."""
         pos = None if win.pos is None else win.pos[:, skip:]
-        h = model.hidden(win.idx[:, skip:], cache=cache, start=skip, pos=pos, key_mask=win.key_mask)
-        return model.head(h[:, -1])[:, :vocab]
+        logits = self.model.last_logits(
+            win.idx[:, skip:], self.cache, skip, fused=self.fused, pos=pos, key_mask=win.key_mask
+        )
+        return logits[:, : self.vocab]
 
-    def decode(win: _Window, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) after one more token per row, through the cache."""
-        slot = win.width - 1
-        if step_fn is None:  # a model the fused step does not cover (e.g. LoRA-wrapped)
-            pos = None if win.last_pos is None else win.last_pos[:, None]
-            h = model.hidden(
-                tokens[:, None], cache=cache, start=slot, pos=pos, key_mask=win.key_mask
-            )
-            return model.head(h[:, -1])[:, :vocab]
-        positions = slot if win.last_pos is None else win.last_pos
-        return step_fn(tokens, cache, slot, positions, win.key_mask)[:, :vocab]
-
-    t0 = time.perf_counter()
-    win = _Window(rows, starts, device, capacity)
-    logits = prefill(win, reuse)
-    for step in range(max_new_tokens):
-        token = sample(logits, sampling, generator, seen)  # (B,)
-        ids = token.tolist()
-        if step == 0:
-            stats.prefill_seconds = time.perf_counter() - t0
-        for i, t in enumerate(ids):
-            if done[i]:
-                continue
-            if t in ends:
-                done[i], results[i].finish = True, "eos"
-                continue
-            results[i].ids.append(t)
-            stats.new_tokens += 1
-            stats.decode_tokens += int(step > 0)
-            piece = decoders[i].push(t)
-            if piece and on_text:
-                on_text(i, piece)
-            if decoders[i].stopped:
-                done[i], results[i].finish = True, "stop"
-        if all(done) or step == max_new_tokens - 1:
-            break
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        for r, t in zip(rows, ids, strict=True):
-            r.append(t)  # finished rows too: every row's window then fills and slides in step
-        if win.width == window:  # the window is full: keep its last half and prefill again
-            starts = [max(s, len(r) - keep) for r, s in zip(rows, starts, strict=True)]
-            win = _Window(rows, starts, device, capacity)
-            stats.slides += 1
-            logits = prefill(win)
-            continue
-        if cache is None:
-            win = _Window(rows, starts, device, capacity)
-            logits = prefill(win)
-        else:
-            win.advance()
-            logits = decode(win, token)
-    stats.decode_seconds = time.perf_counter() - t0 - stats.prefill_seconds
-    for i, dec in enumerate(decoders):
-        rest = dec.finish()
-        if rest and on_text:
-            on_text(i, rest)
-        results[i].text = dec.text
-    filled = win.width if cache is not None else 0
-    results[0].context = rows[0][starts[0] : starts[0] + filled - win.pads[0]]
-    return results, stats
-
-
-def sample_text(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompt: str = "",
-    max_new_tokens: int = 80,
-    temperature: float = 0.8,
-    top_k: int = 40,
-    seed: int = 0,
-) -> str:
-    """A short continuation of prompt: what training shows at evals."""
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)][-model.config.max_seq_len :]
-    cfg = SamplingConfig(temperature=temperature, top_k=top_k)
-    (completion,), _ = generate(model, tokenizer, [ids], cfg, max_new_tokens, seed=seed)
-    return prompt + completion.text
+    def _decode(self, win: _Window, token: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) after one more token per row, written at the cache's next slot."""
+        pos = None if win.last_pos is None else win.last_pos[:, None]  # (B, 1)
+        logits = self.model.last_logits(
+            token[:, None],
+            self.cache,
+            win.width - 1,
+            fused=self.fused,
+            pos=pos,
+            key_mask=win.key_mask,
+        )
+        return logits[:, : self.vocab]

@@ -13,7 +13,10 @@ NEG_INF = float("-inf")
 
 @dataclass
 class SamplingConfig:
-    """How to pick tokens; temperature 0 is greedy. 0 turns top_k off, 1 top_p, 0 min_p, 1 the penalty."""
+    """How to pick tokens; temperature 0 is greedy.
+
+    The neutral values turn a filter off: top_k 0, top_p 1, min_p 0, repetition_penalty 1.
+    """
 
     temperature: float = 0.8
     top_k: int = 0
@@ -46,7 +49,10 @@ class SamplingConfig:
         return self.temperature == 0
 
     def describe(self) -> str:
-        """The settings as a person reads them, e.g. "temperature 0.7, top-p 0.95 (top-k, min-p off)"."""
+        """The settings as a person reads them.
+
+        E.g. "temperature 0.7, top-p 0.95 (top-k, min-p off)".
+        """
         on, off = [], []
         for label, value, neutral in (
             ("top-k", self.top_k, 0),
@@ -64,7 +70,10 @@ class SamplingConfig:
 def apply_repetition_penalty(
     logits: torch.Tensor, seen: torch.Tensor, penalty: float
 ) -> torch.Tensor:
-    """CTRL's penalty: divide positive logits of seen tokens by penalty, multiply negative ones. logits (B, V); seen (B, V) bool."""
+    """CTRL's penalty: divide positive logits of seen tokens by penalty, multiply negative ones.
+
+    logits (B, V); seen (B, V) bool.
+    """
     if penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -72,12 +81,14 @@ def apply_repetition_penalty(
 
 
 def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """True for the tokens outside the smallest set whose probability reaches top_p (the top token always stays)."""
+    """True for the tokens outside the smallest set whose probability reaches top_p.
+
+    The top token always stays.
+    """
     V = probs.size(-1)
     k = min(V, 256)
-    while (
-        True
-    ):  # sorting all 32000 probabilities costs ms; the nucleus is usually in the top few hundred
+    # sorting all 32000 probabilities costs ms; the nucleus is usually in the top few hundred
+    while True:
         top, order = probs.topk(k, dim=-1)  # sorted, most likely first
         cum = top.cumsum(dim=-1)
         if k == V or bool((cum[:, -1] >= top_p).all()):
@@ -88,7 +99,7 @@ def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Temperature-scaled logits (B, V) with the tokens that top-k, top-p and min-p exclude set to -inf."""
+    """Temperature-scaled logits (B, V), the tokens top-k, top-p and min-p exclude set to -inf."""
     logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
@@ -126,7 +137,10 @@ def sample(
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The next token of each row (B,) from logits (B, V); seen (B, V) marks tokens the penalty applies to."""
+    """The next token of each row (B,) from logits (B, V).
+
+    seen (B, V) marks the tokens the repetition penalty applies to.
+    """
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)

@@ -153,7 +153,8 @@ def _add_tensor(gguf, writer, name: str, tensor: torch.Tensor, out_type: str) ->
 
 
 def _add_tokenizer(gguf, writer, tok: Tokenizer, info: dict, n_vocab: int) -> None:
-    """The sentencepiece vocabulary as llama.cpp's "llama" (SPM) tokenizer, padded to the model's rows."""
+    """The sentencepiece vocabulary as llama.cpp's "llama" (SPM) tokenizer, padded to the
+    model's rows."""
     sp, types = tok.sp, gguf.TokenType
     markers = set(tok.marker_ids.values())
     kinds = []

@@ -12,6 +12,7 @@ from models.hf import gpt2_config, hf_architecture, llama_config, to_gpt2_state,
 from models.weights import atomic_write, atomic_write_text, save_tensors
 from tformer_cli.data.tokenizer import Tokenizer, load_tokenizer
 from tformer_cli.errors import TformerError
+from tformer_cli.inference.text import end_ids
 from tformer_cli.runs.locate import resolve_model_path
 from tformer_cli.runs.lock import LOCK_FILE, RunLock
 from tformer_cli.runs.rundir import ADAPTER_FILE, TOKENIZER_FILE, is_run_dir, load_run_model
@@ -108,13 +109,9 @@ def chat_template(tok: Tokenizer, info: dict) -> str | None:
     return CHAT_TEMPLATE_JINJA if info.get("chat") and tok.has_chat_markers else None
 
 
-def stop_ids(tok: Tokenizer) -> list[int]:
-    """Token ids that end generation, as in `tformer generate`: EOS, and <|end|> when the tokenizer has it."""
-    return [tok.eos_id, *([tok.marker_ids["<|end|>"]] if "<|end|>" in tok.marker_ids else [])]
-
-
 def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Export:
-    """Write run_dir as a transformers model directory (LoRA runs merged); returns what was written."""
+    """Write run_dir as a transformers model directory (LoRA runs merged); return what was
+    written."""
     run_dir, out = resolve_model_path(run_dir), Path(out_dir)
     check_export_target(run_dir, out)
     check_output_dir(out, overwrite)
@@ -128,6 +125,28 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
 
 
 def _write_hf(run_dir: Path, out: Path, model, info: dict, tok: Tokenizer, arch: str) -> Export:
+    hf_state, hf_cfg, generation = _model_files(model, tok, arch)
+    tokens, tok_cfg = _tokenizer_files(tok, info, model.config.max_seq_len)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(hf_state, out / "model.safetensors", metadata={"format": "pt"})
+    _write_json(out / "config.json", hf_cfg)
+    _write_json(out / "generation_config.json", generation)
+    atomic_write(
+        out / "tokenizer.model", lambda tmp: shutil.copyfile(run_dir / TOKENIZER_FILE, tmp)
+    )
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+    _write_json(out / "special_tokens_map.json", tokens)
+    return Export(
+        path=out,
+        architecture=arch,
+        params=sum(p.numel() for p in model.parameters()),
+        files=list(HF_FILES),
+        merged_lora=is_lora_run(run_dir),
+    )
+
+
+def _model_files(model, tok: Tokenizer, arch: str) -> tuple[dict, dict, dict]:
+    """The weights under transformers' names, config.json and generation_config.json."""
     cfg = model.config
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if arch == "LlamaForCausalLM":
@@ -141,15 +160,12 @@ def _write_hf(run_dir: Path, out: Path, model, info: dict, tok: Tokenizer, arch:
     if tok.pad_id >= 0:
         special["pad_token_id"] = tok.pad_id
     hf_cfg.update(special, torch_dtype="float32")
-    generation = {**special, "eos_token_id": stop_ids(tok)}
+    generation = {**special, "eos_token_id": list(end_ids(tok))}  # as `tformer generate` stops
+    return hf_state, hf_cfg, generation
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors(hf_state, out / "model.safetensors", metadata={"format": "pt"})
-    _write_json(out / "config.json", hf_cfg)
-    _write_json(out / "generation_config.json", generation)
-    atomic_write(
-        out / "tokenizer.model", lambda tmp: shutil.copyfile(run_dir / TOKENIZER_FILE, tmp)
-    )
+
+def _tokenizer_files(tok: Tokenizer, info: dict, max_len: int) -> tuple[dict, dict]:
+    """special_tokens_map.json and tokenizer_config.json for transformers' LlamaTokenizer."""
     sp = tok.sp
     tokens = {
         "bos_token": sp.id_to_piece(tok.bos_id),
@@ -165,22 +181,14 @@ def _write_hf(run_dir: Path, out: Path, model, info: dict, tok: Tokenizer, arch:
         "add_eos_token": False,
         "add_prefix_space": tok.adds_space_prefix,
         "legacy": False,
-        "model_max_length": cfg.max_seq_len,
+        "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
     }
     if tok.has_chat_markers:
         tok_cfg["additional_special_tokens"] = list(tok.marker_ids)
     if template := chat_template(tok, info):
         tok_cfg["chat_template"] = template
-    _write_json(out / "tokenizer_config.json", tok_cfg)
-    _write_json(out / "special_tokens_map.json", tokens)
-    return Export(
-        path=out,
-        architecture=arch,
-        params=sum(p.numel() for p in model.parameters()),
-        files=list(HF_FILES),
-        merged_lora=is_lora_run(run_dir),
-    )
+    return tokens, tok_cfg
 
 
 def is_lora_run(run_dir: Path) -> bool:

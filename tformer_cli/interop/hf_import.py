@@ -79,14 +79,16 @@ def read_hf_llama(hf_dir: str | Path) -> HFLlama:
     tok = load_tokenizer(src / TOKENIZER_FILE)
     if tok.vocab_size > cfg.vocab_size:
         raise TformerError(
-            f"{src}: tokenizer.model has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}"
+            f"{src}: tokenizer.model has {tok.vocab_size} tokens "
+            f"but the model embeds only {cfg.vocab_size}"
         )
     hf_state = _read_weights(src)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values()})
     missing = [k for k in _needed(cfg) if k not in hf_state]
     if missing:
         raise TformerError(
-            f"{src}: the weights lack {missing[0]} ({len(missing)} tensors missing); is this a Llama checkpoint?"
+            f"{src}: the weights lack {missing[0]} ({len(missing)} tensors missing); "
+            "is this a Llama checkpoint?"
         )
     state = {k: v.float() for k, v in from_llama_state(hf_state, cfg).items()}
     model = Transformer(cfg)
@@ -100,7 +102,8 @@ def read_hf_llama(hf_dir: str | Path) -> HFLlama:
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> Import:
-    """Read a Llama-architecture checkpoint (safetensors + config.json + tokenizer.model) into run_dir (fp32)."""
+    """Read a Llama-architecture checkpoint (safetensors + config.json + tokenizer.model) into
+    run_dir, in fp32."""
     from tformer_cli.runs.target import (  # run_target builds on rundir, which imports this module
         check_run_dir_use,
         claim_given,
@@ -174,7 +177,8 @@ def _read_json(path: Path) -> dict:
 
 
 def hf_weight_files(src: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face directory: model.safetensors or the indexed shards."""
+    """The safetensors files of a Hugging Face directory: model.safetensors, or the indexed
+    shards."""
     if (src / "model.safetensors").is_file():
         return [src / "model.safetensors"]
     if (src / INDEX_FILE).is_file():

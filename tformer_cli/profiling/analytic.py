@@ -19,7 +19,6 @@ from models.config import ModelConfig
 from models.flops import flops_per_token, matmul_params
 from tformer_cli.device import DTYPES
 
-ATTENTION_IMPLS = ("sdpa", "math")
 FP32 = 4
 INDEX = 8  # int64 token ids
 
@@ -27,14 +26,6 @@ INDEX = 8  # int64 token ids
 def bytes_per_element(precision: str) -> int:
     """Bytes of one element at fp32, bf16 or fp16."""
     return DTYPES[precision].itemsize
-
-
-# -- parameters ----------------------------------------------------------------------------------
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters by component (embeddings, attention, mlp, norms, head), tied weights counted once."""
-    return cfg.param_counts()
 
 
 # -- FLOPs -----------------------------------------------------------------------------------------
@@ -178,7 +169,8 @@ def activation_bytes(
 def training_memory(
     cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str = "sdpa"
 ) -> dict[str, int]:
-    """Bytes of a training step with AdamW: fp32 weights, grads, two moments, activations, peak transient.
+    """Bytes of a training step with AdamW: fp32 weights, grads, two moments, activations, and
+    the peak transient.
 
     Mixed precision keeps fp32 master weights (autocast), as `tformer train` does.
     """
@@ -200,7 +192,8 @@ def training_memory(
 def inference_workspace_bytes(
     cfg: ModelConfig, seq_len: int, batch_size: int, elem_bytes: int, attention: str = "sdpa"
 ) -> int:
-    """Transient bytes of one block during a no-grad prefill of B x T tokens (the largest block's worth).
+    """Transient bytes of one block during a no-grad prefill of B x T tokens (the largest
+    block's worth).
 
     The residual stream and its norm, q/k/v and their rotated copies, the attention output, and
     the MLP's intermediates; the math path adds the T x T scores and probabilities per head.
@@ -221,7 +214,8 @@ def inference_workspace_bytes(
 def inference_memory(
     cfg: ModelConfig, seq_len: int, batch_size: int, precision: str
 ) -> dict[str, int]:
-    """Bytes of generating with a KV cache: weights at the precision, the cache for T tokens, the prefill workspace."""
+    """Bytes of generating with a KV cache: weights at the precision, the cache for T tokens,
+    the prefill workspace."""
     b = bytes_per_element(precision)
     parts = {
         "weights": b * cfg.num_params(),
@@ -233,7 +227,8 @@ def inference_memory(
 
 
 def decode_bytes_per_step(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str) -> int:
-    """Bytes a cached decoding step reads: every matmul weight once, plus the keys and values of T positions."""
+    """Bytes a cached decoding step reads: every matmul weight once, and the keys and values of
+    T positions."""
     b = bytes_per_element(precision)
     return matmul_params(cfg) * b + kv_cache_bytes(cfg, seq_len, batch_size, b)
 
@@ -241,7 +236,8 @@ def decode_bytes_per_step(cfg: ModelConfig, seq_len: int, batch_size: int, preci
 def attention_memory(
     cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, attention: str
 ) -> int:
-    """Bytes of one attention call, forward + backward: inputs, outputs, gradients and (math) the T x T matrices."""
+    """Bytes of one attention call, forward + backward: inputs, outputs, gradients and (math)
+    the T x T matrices."""
     b = bytes_per_element(precision)
     H, hd, Hkv = cfg.n_heads, cfg.head_dim, cfg.n_kv_heads
     io = batch_size * seq_len * hd * (2 * H + 2 * Hkv) * b  # q, k, v, output

@@ -1,4 +1,4 @@
-"""Will it fit? The largest batch and context that the analytic memory model allows in a memory budget."""
+"""Will it fit? The largest batch and context the analytic memory model allows in a budget."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from models.config import ModelConfig
 from tformer_cli.profiling.analytic import inference_memory, training_memory
+from tformer_cli.units import human_bytes
 
 HEADROOM = 0.9  # leave 10% of the free memory to the runtime, the allocator's slack and the OS
 T_CAP = 1 << 22  # search no further than 4M tokens of context
@@ -29,7 +30,8 @@ def largest(fits: Callable[[int], bool], cap: int) -> int:
 def will_it_fit(
     cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, free_bytes: int | None
 ) -> dict[str, Any]:
-    """Training and inference needs at (B, T), and the largest B (at T) and T (at B) within the budget."""
+    """Training and inference needs at (B, T), and the largest B (at T) and T (at B) within the
+    budget."""
     report: dict[str, Any] = {"free_bytes": free_bytes, "headroom": HEADROOM, "budget_bytes": None}
     needs = {
         "train": lambda b, t: training_memory(cfg, t, b, precision)["total"],
@@ -50,8 +52,9 @@ def will_it_fit(
             )
             if not entry["fits"]:
                 notes.append(
-                    f"{mode} at batch {batch_size} x {seq_len} tokens needs {entry['bytes'] / 2**30:.2f} GiB, "
-                    f"more than the {budget / 2**30:.2f} GiB budget ({HEADROOM:.0%} of what is free)"
+                    f"{mode} at batch {batch_size} x {seq_len} tokens needs "
+                    f"{human_bytes(entry['bytes'])}, more than the {human_bytes(budget)} budget "
+                    f"({HEADROOM:.0%} of what is free)"
                 )
         report[mode] = entry
     if cfg.pos == "learned":
@@ -89,6 +92,6 @@ def require_fit(
         else "not even a batch of 1 fits; use a smaller model or --seq-len"
     )
     raise TformerError(
-        f"{flag}: {what} {batch_size} x {seq_len} tokens needs about {needed / 2**30:,.1f} GiB but "
-        f"{device.type} has {free / 2**30:,.1f} GiB free; {advice}"
+        f"{flag}: {what} {batch_size} x {seq_len} tokens needs about {human_bytes(needed)} but "
+        f"{device.type} has {human_bytes(free)} free; {advice}"
     )

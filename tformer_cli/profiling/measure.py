@@ -1,4 +1,5 @@
-"""Timed measurements on the device: matmul peak, memory bandwidth, training, prefill, decoding, attention.
+"""Timed measurements on the device: matmul peak, memory bandwidth, training, prefill, decoding,
+attention.
 
 Every measurement warms up first, repeats, and reports the median; each workload runs inside
 a PeakMemory block that starts before its model is built, so its peak includes the weights.
@@ -7,6 +8,7 @@ a PeakMemory block that starts before its model is built, so its peak includes t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -17,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from models import Transformer, math_attention
+from models.attention import ATTENTION_IMPLS
 from models.config import ModelConfig
-from models.decode import decode_step_for, prepare_for_inference
-from tformer_cli.device import DTYPES, matmul_peak_flops
-from tformer_cli.profiling.memory import PeakMemory, sync
+from tformer_cli.device import DTYPES, matmul_peak_flops, sync
+from tformer_cli.profiling.memory import PeakMemory
 from tformer_cli.training.loss import lm_loss
 from tformer_cli.training.optim import build_optimizer
 
@@ -44,27 +46,11 @@ class Effort:
     slow_warmup_counts: bool = False
 
 
-QUICK = Effort(
-    warmup=1,
-    min_reps=2,
-    max_reps=3,
-    budget_s=0.0,
-    decode_steps=12,
-    peak_seconds=0.2,
-    bandwidth_mib=128,
-    long_call_s=1.0,
-    slow_warmup_counts=True,
-)
-FULL = Effort(
-    warmup=1,
-    min_reps=3,
-    max_reps=10,
-    budget_s=4.0,
-    decode_steps=32,
-    peak_seconds=0.5,
-    bandwidth_mib=256,
-    long_call_s=20.0,
-)
+# Effort(warmup, min_reps, max_reps, budget_s, decode_steps, peak_seconds, bandwidth_mib,
+#        long_call_s, slow_warmup_counts)
+QUICK = Effort(1, 2, 3, 0.0, 12, 0.2, 128, 1.0, True)
+FULL = Effort(1, 3, 10, 4.0, 32, 0.5, 256, 20.0)
+WARM_UP = Effort(0, 1, 1, 0.0, 2, 0.0, 1)  # every workload once, on a small model
 
 
 def time_runs(
@@ -99,18 +85,35 @@ def time_runs(
     return times
 
 
-def _random_tokens(
-    cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0
-) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)  # the global RNG stays untouched
-    return torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
+@dataclass(frozen=True)
+class Bench:
+    """A workload's setting: the model (its config, and how to build it), B x T tokens, the
+    device and precision, and how hard to measure."""
+
+    cfg: ModelConfig
+    build: Builder
+    seq_len: int
+    batch_size: int
+    device: torch.device
+    precision: str
+    effort: Effort
+
+    def at(self, seq_len: int) -> Bench:
+        """The same setting at another context length."""
+        return dataclasses.replace(self, seq_len=seq_len)
+
+    def tokens(self, seed: int = 0) -> torch.Tensor:
+        """Random token ids (B, T) on the device; the global RNG stays untouched."""
+        gen = torch.Generator().manual_seed(seed)
+        shape = (self.batch_size, self.seq_len)
+        return torch.randint(0, self.cfg.vocab_size, shape, generator=gen).to(self.device)
 
 
 # -- the device ------------------------------------------------------------------------------------
 
 
 def measure_matmul_peak(device: torch.device, precision: str, effort: Effort) -> float:
-    """Dense matmul FLOP/s at this precision: the MFU denominator, as the training run card measures it."""
+    """Dense matmul FLOP/s at this precision: MFU's denominator, as the training run card has it."""
     return matmul_peak_flops(device, precision, seconds=effort.peak_seconds)
 
 
@@ -134,66 +137,38 @@ def warm_up(cfg: ModelConfig, device: torch.device, precision: str) -> None:
     small = cfg.replace(
         n_layers=1, vocab_size=min(cfg.vocab_size, 512), max_seq_len=max(cfg.max_seq_len, 32)
     )
-    effort = Effort(
-        warmup=0,
-        min_reps=1,
-        max_reps=1,
-        budget_s=0.0,
-        decode_steps=2,
-        peak_seconds=0.0,
-        bandwidth_mib=1,
-    )
-
-    def build() -> Transformer:
-        return Transformer(small)
-
-    measure_training(small, build, 32, 1, device, precision, effort)
-    measure_inference(small, build, 32, 1, device, precision, effort)
-    for impl in ("sdpa", "math"):
-        measure_attention(small, 32, 1, device, precision, impl, effort)
+    bench = Bench(small, lambda: Transformer(small), 32, 1, device, precision, WARM_UP)
+    measure_training(bench)
+    measure_inference(bench)
+    for impl in ATTENTION_IMPLS:
+        measure_attention(bench, impl)
 
 
-# -- workloads ---------------------------------------------------------------------------------------
+# -- workloads -------------------------------------------------------------------------------------
 
 
-def measure_training(
-    cfg: ModelConfig,
-    build: Builder,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    effort: Effort,
-) -> dict[str, Any]:
-    """One optimizer step as `tformer train` takes it: autocast forward, loss, backward, clip, AdamW."""
-    with PeakMemory(device) as mem:
-        times = _time_training(cfg, build, seq_len, batch_size, device, precision, effort, mem)
+def measure_training(bench: Bench) -> dict[str, Any]:
+    """One optimizer step as `tformer train` takes it: autocast forward, loss, backward, clip,
+    AdamW."""
+    with PeakMemory(bench.device) as mem:
+        times = _time_training(bench, mem)
     step_s = statistics.median(times)
     return {
         "step_s": step_s,
-        "tokens_per_s": batch_size * seq_len / step_s,
+        "tokens_per_s": bench.batch_size * bench.seq_len / step_s,
         "reps": len(times),
         "peak_memory_bytes": mem.peak,
         "memory_method": mem.method,
     }
 
 
-def _time_training(
-    cfg: ModelConfig,
-    build: Builder,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    effort: Effort,
-    mem: PeakMemory,
-) -> list[float]:
+def _time_training(bench: Bench, mem: PeakMemory) -> list[float]:
     # everything built here is freed on return, inside the caller's memory window
-    model = build().to(device).train()
+    device, precision = bench.device, bench.precision
+    model = bench.build().to(device).train()
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    x = _random_tokens(cfg, batch_size, seq_len, device, seed=1)
-    y = _random_tokens(cfg, batch_size, seq_len, device, seed=2)
+    x, y = bench.tokens(seed=1), bench.tokens(seed=2)
 
     def step() -> None:
         amp = (
@@ -210,38 +185,30 @@ def _time_training(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_runs(step, device, effort, mem=mem)
+    return time_runs(step, device, bench.effort, mem=mem)
 
 
-def measure_inference(
-    cfg: ModelConfig,
-    build: Builder,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    effort: Effort,
-) -> dict[str, Any]:
-    """Prefill, cached decoding and uncached decoding at context length T, as `tformer generate` runs them.
+def measure_inference(bench: Bench) -> dict[str, Any]:
+    """Prefill, cached decoding and uncached decoding at context length T, as `tformer generate`
+    runs them.
 
     Weights are cast to the precision and fused for decoding (prepare_for_inference). A cached
     step writes the last cache slots and reads all T; an uncached step runs the model over the
     whole T-token context to get one new token per row (what --no-cache does).
     """
-    with PeakMemory(device) as mem:
-        prefill_times, no_cache_times, decode_times, fused = _time_inference(
-            cfg, build, seq_len, batch_size, device, precision, effort, mem
-        )
+    with PeakMemory(bench.device) as mem:
+        prefill_times, no_cache_times, decode_times, fused = _time_inference(bench, mem)
     prefill_s, no_cache_s, decode_s = (
         statistics.median(t) for t in (prefill_times, no_cache_times, decode_times)
     )
+    B = bench.batch_size
     return {
         "prefill_s": prefill_s,
-        "prefill_tokens_per_s": batch_size * seq_len / prefill_s,
+        "prefill_tokens_per_s": B * bench.seq_len / prefill_s,
         "decode_step_s": decode_s,
-        "decode_tokens_per_s": batch_size / decode_s,
+        "decode_tokens_per_s": B / decode_s,
         "decode_no_cache_step_s": no_cache_s,
-        "decode_tokens_per_s_no_cache": batch_size / no_cache_s,
+        "decode_tokens_per_s_no_cache": B / no_cache_s,
         "decode_fused": fused,
         "reps": {
             "prefill": len(prefill_times),
@@ -255,43 +222,31 @@ def measure_inference(
 
 @torch.inference_mode()
 def _time_inference(
-    cfg: ModelConfig,
-    build: Builder,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    effort: Effort,
-    mem: PeakMemory,
+    bench: Bench, mem: PeakMemory
 ) -> tuple[list[float], list[float], list[float], bool]:
-    model = prepare_for_inference(build().to(device=device, dtype=DTYPES[precision]).eval())
-    cache = model.new_cache(batch_size, seq_len)
-    idx = _random_tokens(cfg, batch_size, seq_len, device)
+    device, effort, T = bench.device, bench.effort, bench.seq_len
+    model = bench.build().to(device=device, dtype=DTYPES[bench.precision]).prepare_for_inference()
+    cache = model.new_cache(bench.batch_size, T)
+    idx = bench.tokens()
 
     def prefill() -> torch.Tensor:
-        h = model.hidden(idx, cache=cache, start=0)
-        return model.head(h[:, -1]).argmax(-1)
+        return model.last_logits(idx, cache).argmax(-1)
 
     def no_cache_step() -> torch.Tensor:
-        return model.head(model.hidden(idx)[:, -1]).argmax(-1)
+        return model.last_logits(idx).argmax(-1)
 
     prefill_times = time_runs(prefill, device, effort, mem=mem)
     # prefill warmed the same kernels up; the uncached step is the same forward without the cache
     no_cache_times = time_runs(
         no_cache_step, device, effort, warmup=0, min_reps=min(effort.min_reps, len(prefill_times))
     )
+    token = idx[:, -1:]
 
-    step_fn = decode_step_for(model)
-    token = idx[:, -1]
-
-    def decode(slot: int) -> torch.Tensor:
-        if step_fn is not None:  # the fused step `tformer generate` uses
-            return step_fn(token, cache, slot, slot).argmax(-1)
-        h = model.hidden(token[:, None], cache=cache, start=slot)
-        return model.head(h[:, -1]).argmax(-1)
+    def decode(slot: int) -> torch.Tensor:  # the step `tformer generate` takes
+        return model.last_logits(token, cache, slot).argmax(-1, keepdim=True)
 
     # the last slots, each step reading (about) all T keys and values; rewriting them is harmless
-    slots = list(range(max(0, seq_len - effort.decode_steps), seq_len))
+    slots = list(range(max(0, T - effort.decode_steps), T))
     for slot in slots[-2:]:
         decode(slot)
     decode_times = []
@@ -300,21 +255,14 @@ def _time_inference(
         token = decode(slot)
         sync(device)
         decode_times.append(time.perf_counter() - start)
-    return prefill_times, no_cache_times, decode_times, step_fn is not None
+    return prefill_times, no_cache_times, decode_times, model.fused_decoding
 
 
-def measure_attention(
-    cfg: ModelConfig,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    impl: str,
-    effort: Effort,
-) -> dict[str, Any]:
-    """One layer's attention, forward + backward, with the fused kernel ("sdpa") or the explicit T x T path ("math")."""
-    with PeakMemory(device) as mem:
-        times = _time_attention(cfg, seq_len, batch_size, device, precision, impl, effort, mem)
+def measure_attention(bench: Bench, impl: str) -> dict[str, Any]:
+    """One layer's attention, forward + backward: the fused kernel ("sdpa") or the explicit
+    T x T path ("math")."""
+    with PeakMemory(bench.device) as mem:
+        times = _time_attention(bench, impl, mem)
     return {
         "seconds": statistics.median(times),
         "reps": len(times),
@@ -323,23 +271,14 @@ def measure_attention(
     }
 
 
-def _time_attention(
-    cfg: ModelConfig,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    impl: str,
-    effort: Effort,
-    mem: PeakMemory,
-) -> list[float]:
-    dtype = DTYPES[precision]
+def _time_attention(bench: Bench, impl: str, mem: PeakMemory) -> list[float]:
+    cfg, device, dtype = bench.cfg, bench.device, DTYPES[bench.precision]
+    B, T, H, Hkv, hd = bench.batch_size, bench.seq_len, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     gen = torch.Generator().manual_seed(3)
-    H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q = torch.randn(batch_size, H, seq_len, hd, generator=gen).to(device, dtype).requires_grad_()
-    k = torch.randn(batch_size, Hkv, seq_len, hd, generator=gen).to(device, dtype).requires_grad_()
-    v = torch.randn(batch_size, Hkv, seq_len, hd, generator=gen).to(device, dtype).requires_grad_()
-    grad = torch.ones(batch_size, H, seq_len, hd, device=device, dtype=dtype)
+    q = torch.randn(B, H, T, hd, generator=gen).to(device, dtype).requires_grad_()
+    k = torch.randn(B, Hkv, T, hd, generator=gen).to(device, dtype).requires_grad_()
+    v = torch.randn(B, Hkv, T, hd, generator=gen).to(device, dtype).requires_grad_()
+    grad = torch.ones(B, H, T, hd, device=device, dtype=dtype)
 
     def run() -> None:
         if impl == "math":
@@ -349,4 +288,4 @@ def _time_attention(
         y.backward(grad)
         q.grad = k.grad = v.grad = None
 
-    return time_runs(run, device, effort, mem=mem)
+    return time_runs(run, device, bench.effort, mem=mem)

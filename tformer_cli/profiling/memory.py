@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from tformer_cli.device import sync
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -62,14 +64,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return peak_rss_bytes()
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued work on the device, so timings and memory figures are complete."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 class PeakMemory:
@@ -124,7 +118,7 @@ class PeakMemory:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes the device can still give out: CUDA free memory, or the OS's MemAvailable for the CPU."""
+    """Bytes the device can still give out: CUDA's free memory, the OS's MemAvailable for a CPU."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)

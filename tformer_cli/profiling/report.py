@@ -1,4 +1,4 @@
-"""The profile of one model on one device: analytic figures and measurements, as one JSON-ready dict."""
+"""One model's profile on one device: analytic figures and measurements, as one JSON-ready dict."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from models.attention import ATTENTION_IMPLS
 from models.config import ModelConfig
 from models.flops import matmul_params
 from tformer_cli import __version__
@@ -42,44 +43,19 @@ class _Runner:
         time_cap: float,
         on_progress: Callable[[str], None],
     ):
-        self.device, self.effort, self.time_cap, self.on_progress = (
-            device,
-            effort,
-            time_cap,
-            on_progress,
-        )
+        self.device, self.effort, self.time_cap = device, effort, time_cap
+        self.on_progress = on_progress
         self.skipped: list[dict[str, str]] = []
         self.peak_flops: float | None = None
 
     def run(
         self, what: str, need_bytes: int, flops: float, fn: Callable[[], dict[str, Any]]
     ) -> dict[str, Any] | None:
-        free = available_memory(self.device)
-        if free is not None and need_bytes > free * HEADROOM:
-            return self.skip(
-                what,
-                f"needs ~{human_bytes(need_bytes)} by the analytic model, {human_bytes(free)} is free",
-            )
-        if self.peak_flops:
-            per_call = flops / self.peak_flops
-            slow = per_call > self.effort.long_call_s
-            calls = (
-                1
-                if slow and self.effort.slow_warmup_counts
-                else self.effort.warmup + (1 if slow else self.effort.min_reps)
-            )
-            at_least = per_call * calls
-            if at_least > self.time_cap:
-                advice = (
-                    "run without --quick or pick a smaller T"
-                    if self.effort.slow_warmup_counts
-                    else "pick a smaller T"
-                )
-                return self.skip(
-                    what,
-                    f"would take over {at_least:.0f} s even at the measured matmul peak "
-                    f"(the cap is {self.time_cap:.0f} s; {advice})",
-                )
+        """fn(), or None (the reason recorded) when it would not fit, take too long, or ran out
+        of memory."""
+        reason = self._too_big(need_bytes) or self._too_slow(flops)
+        if reason:
+            return self.skip(what, reason)
         self.on_progress(what)
         try:
             return fn()
@@ -89,6 +65,39 @@ class _Runner:
             if _CPU_OOM not in str(e):
                 raise
             return self.skip(what, "ran out of memory on the device")
+
+    def _too_big(self, need_bytes: int) -> str | None:
+        free = available_memory(self.device)
+        if free is not None and need_bytes > free * HEADROOM:
+            return (
+                f"needs ~{human_bytes(need_bytes)} by the analytic model, "
+                f"{human_bytes(free)} is free"
+            )
+        return None
+
+    def _too_slow(self, flops: float) -> str | None:
+        """Why a measurement of this many FLOPs per call would pass the time cap, if it would."""
+        if not self.peak_flops:
+            return None
+        effort = self.effort
+        per_call = flops / self.peak_flops
+        slow = per_call > effort.long_call_s
+        if slow and effort.slow_warmup_counts:
+            calls = 1
+        else:
+            calls = effort.warmup + (1 if slow else effort.min_reps)
+        at_least = per_call * calls
+        if at_least <= self.time_cap:
+            return None
+        advice = (
+            "run without --quick or pick a smaller T"
+            if effort.slow_warmup_counts
+            else "pick a smaller T"
+        )
+        return (
+            f"would take over {at_least:.0f} s even at the measured matmul peak "
+            f"(the cap is {self.time_cap:.0f} s; {advice})"
+        )
 
     def skip(self, what: str, reason: str) -> None:
         self.skipped.append({"what": what, "reason": reason})
@@ -100,7 +109,7 @@ def analytic_figures(
 ) -> dict[str, Any]:
     """Everything the config alone says about cost at (B, T): parameters, FLOPs, memory."""
     b = analytic.bytes_per_element(precision)
-    counts = analytic.param_counts(cfg)
+    counts = cfg.param_counts()
     split = analytic.flop_split(cfg, seq_len)
     tokens = seq_len * batch_size
     kv = analytic.kv_cache_bytes(cfg, seq_len, batch_size, b)
@@ -176,9 +185,7 @@ def profile(
     runner = _Runner(device, effort, TIME_CAP_S["quick" if quick else "full"], on_progress)
     measured: dict[str, Any] = {}
     if run_measurements:
-        measured = _measure(
-            source, seq_lens, batch_size, device, precision, effort, runner, notes, report
-        )
+        measured = _measure(source, seq_lens, batch_size, device, precision, effort, runner, notes)
     report.update(_headline(report, measured))
     report["measured"] = measured
     report["scaling"] = _scaling(cfg, seq_lens, batch_size, precision, measured)
@@ -196,15 +203,36 @@ def _measure(
     effort: measure.Effort,
     runner: _Runner,
     notes: list[str],
-    report: dict[str, Any],
 ) -> dict[str, Any]:
-    cfg = source.config
-    T = seq_lens[-1]
+    """Every measurement that fits: the device's peak and bandwidth, training at each T, and
+    inference and attention at the headline T."""
+    cfg, T = source.config, seq_lens[-1]
     if device.type == "cpu" and precision != "fp32" and not cpu_has_fast_bf16():
         notes.append(
             f"this CPU has no bf16 matrix units (AVX512-BF16/AMX): {precision} runs far slower "
             "than fp32 here; --precision auto picks fp32"
         )
+    runnable = _runnable(cfg, seq_lens, runner, notes)
+    if not runnable:
+        return {}
+    longest = max(runnable)
+    bench = measure.Bench(
+        cfg, lambda: source.build(max_seq_len=longest), T, batch_size, device, precision, effort
+    )
+    out = _device_figures(bench, runner)
+    out["train"] = _measure_training(bench, runner, runnable, notes)
+    if T in runnable:
+        out["inference"] = _measure_inference(bench, runner)
+        out["attention"] = _measure_attention(bench, runner)
+    done = [r for r in (*out["train"].values(), out["inference"]) if r]
+    out["memory_method"] = done[0]["memory_method"] if done else None
+    return out
+
+
+def _runnable(
+    cfg: ModelConfig, seq_lens: list[int], runner: _Runner, notes: list[str]
+) -> list[int]:
+    """The context lengths the model can run at (learned positions stop at max_seq_len)."""
     runnable = [t for t in seq_lens if t <= cfg.max_seq_len or cfg.pos != "learned"]
     for t in seq_lens:
         if t not in runnable:
@@ -213,89 +241,97 @@ def _measure(
                 f"learned position embeddings stop at max_seq_len "
                 f"{cfg.max_seq_len}; the analytic figures still hold",
             )
-    if not runnable:
-        return {}
-    longest = max(runnable)
-    if longest > cfg.max_seq_len:
+    if runnable and max(runnable) > cfg.max_seq_len:
         notes.append(
-            f"max_seq_len raised from {cfg.max_seq_len} to {longest} for the measurements "
+            f"max_seq_len raised from {cfg.max_seq_len} to {max(runnable)} for the measurements "
             f"({cfg.pos} positions extend to any length; no weight changes shape)"
         )
+    return runnable
 
-    def build() -> torch.nn.Module:
-        return source.build(max_seq_len=longest)
 
+def _device_figures(bench: measure.Bench, runner: _Runner) -> dict[str, Any]:
+    """Warm up, then the matmul peak (MFU's denominator) and the memory bandwidth."""
     runner.on_progress("warming up")
-    measure.warm_up(cfg, device, precision)
+    measure.warm_up(bench.cfg, bench.device, bench.precision)
     runner.on_progress("matmul peak")
-    peak = measure.measure_matmul_peak(device, precision, effort)
-    runner.peak_flops = peak
+    runner.peak_flops = measure.measure_matmul_peak(bench.device, bench.precision, bench.effort)
     runner.on_progress("memory bandwidth")
-    bandwidth = measure.measure_bandwidth(device, effort)
-    out: dict[str, Any] = {
-        "matmul_peak_flops": peak,
-        "memory_bandwidth_bytes_per_s": bandwidth,
+    return {
+        "matmul_peak_flops": runner.peak_flops,
+        "memory_bandwidth_bytes_per_s": measure.measure_bandwidth(bench.device, bench.effort),
         "memory_method": None,
         "train": {},
         "inference": None,
         "attention": {},
     }
-    for t in sorted(runnable, reverse=True):  # the headline T first: if time runs short, it is done
-        need = analytic.training_memory(cfg, t, batch_size, precision)["total"]
-        flops = analytic.flop_split(cfg, t).training * t * batch_size
+
+
+def _measure_training(
+    bench: measure.Bench, runner: _Runner, runnable: list[int], notes: list[str]
+) -> dict[str, Any]:
+    """A training step at each T, the headline T first: if time runs short, it is done."""
+    cfg, B, precision = bench.cfg, bench.batch_size, bench.precision
+    train: dict[str, Any] = {}
+    for t in sorted(runnable, reverse=True):
+        flops_per_token = analytic.flop_split(cfg, t).training
         result = runner.run(
             f"training step at T={t}",
-            need,
-            flops,
-            lambda t=t: measure.measure_training(
-                cfg, build, t, batch_size, device, precision, effort
-            ),
+            analytic.training_memory(cfg, t, B, precision)["total"],
+            flops_per_token * t * B,
+            lambda t=t: measure.measure_training(bench.at(t)),
         )
         if result is not None:
-            result["mfu"] = result["tokens_per_s"] * analytic.flop_split(cfg, t).training / peak
-            out["train"][str(t)] = result
-    if any(r["mfu"] > 1 for r in out["train"].values()):
+            result["mfu"] = result["tokens_per_s"] * flops_per_token / runner.peak_flops
+            train[str(t)] = result
+    if any(r["mfu"] > 1 for r in train.values()):
         notes.append(
-            f"MFU above 100%: the model's matmuls ran faster than the {precision} peak measured on "
-            "1024 x 1024 matrices, so that figure is no ceiling for this device at this precision"
+            f"MFU above 100%: the model's matmuls ran faster than the {precision} peak "
+            "measured on 1024 x 1024 matrices, so that figure is no ceiling for this device at "
+            "this precision"
         )
-    if T in runnable:
-        need = analytic.inference_memory(cfg, T, batch_size, precision)["total"]
-        flops = (
-            2 * analytic.flop_split(cfg, T).forward * T * batch_size
-        )  # a prefill and an uncached step, per call
-        out["inference"] = runner.run(
-            f"prefill and decoding at T={T}",
+    return train
+
+
+def _measure_inference(bench: measure.Bench, runner: _Runner) -> dict[str, Any] | None:
+    """Prefill and decoding at the headline T."""
+    cfg, T, B = bench.cfg, bench.seq_len, bench.batch_size
+    return runner.run(
+        f"prefill and decoding at T={T}",
+        analytic.inference_memory(cfg, T, B, bench.precision)["total"],
+        2 * analytic.flop_split(cfg, T).forward * T * B,  # a prefill and an uncached step
+        lambda: measure.measure_inference(bench),
+    )
+
+
+def _measure_attention(bench: measure.Bench, runner: _Runner) -> dict[str, Any]:
+    """One layer's attention at the headline T, each implementation (--quick leaves out a large
+    math one)."""
+    cfg, T, B = bench.cfg, bench.seq_len, bench.batch_size
+    out: dict[str, Any] = {}
+    for impl in ATTENTION_IMPLS:
+        need = analytic.attention_memory(cfg, T, B, bench.precision, impl)
+        if impl == "math" and bench.effort is measure.QUICK and need > QUICK_MATH_BYTES:
+            out[impl] = runner.skip(
+                f"math attention at T={T}",
+                f"its T x T matrices take ~{human_bytes(need)} and are slow to "
+                "measure; run without --quick to include it",
+            )
+            continue
+        flops = 3 * analytic.score_flops_per_position(cfg) / cfg.n_layers * T * T * B
+        out[impl] = runner.run(
+            f"{impl} attention at T={T}",
             need,
             flops,
-            lambda: measure.measure_inference(cfg, build, T, batch_size, device, precision, effort),
+            lambda impl=impl: measure.measure_attention(bench, impl),
         )
-        for impl in analytic.ATTENTION_IMPLS:
-            need = analytic.attention_memory(cfg, T, batch_size, precision, impl)
-            if impl == "math" and effort is measure.QUICK and need > QUICK_MATH_BYTES:
-                out["attention"][impl] = runner.skip(
-                    f"math attention at T={T}",
-                    f"its T x T matrices take ~{human_bytes(need)} and are slow to "
-                    "measure; run without --quick to include it",
-                )
-                continue
-            flops = 3 * analytic.score_flops_per_position(cfg) / cfg.n_layers * T * T * batch_size
-            res = runner.run(
-                f"{impl} attention at T={T}",
-                need,
-                flops,
-                lambda impl=impl: measure.measure_attention(
-                    cfg, T, batch_size, device, precision, impl, effort
-                ),
-            )
-            out["attention"][impl] = res
-    done = [r for r in (*out["train"].values(), out["inference"]) if r]
-    out["memory_method"] = done[0]["memory_method"] if done else None
     return out
 
 
 def _headline(report: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
-    """The flat keys scripts read: throughput, MFU and memory at the headline (B, T); None when not measured."""
+    """The flat keys scripts read: throughput, MFU and memory at the headline (B, T).
+
+    None where not measured.
+    """
     T = report["seq_len"]
     train = (measured.get("train") or {}).get(str(T))
     inf = measured.get("inference")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,12 +28,12 @@ class ModelSource:
     default: bool = False  # no model was named: the default preset of `tformer train`
 
     def build(self, max_seq_len: int | None = None) -> Transformer:
-        """The network, its context window raised to max_seq_len if given; a run's own weights, else a seeded init."""
+        """The network, its context window raised to max_seq_len if given: a run's own weights,
+        else a seeded init."""
         cfg = self.config
         if max_seq_len is not None and max_seq_len > cfg.max_seq_len:
-            cfg = cfg.replace(
-                max_seq_len=max_seq_len
-            )  # rope/sinusoidal tables only: no weight changes shape
+            # rope/sinusoidal tables only: no weight changes shape
+            cfg = cfg.replace(max_seq_len=max_seq_len)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = Transformer(cfg)
@@ -99,21 +98,18 @@ def from_preset(name: str, default: bool = False) -> ModelSource:
         raise TformerError(f"--preset: {e}") from None
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    """A TOML file, or JSON when the name ends in .json (the format `tformer train --config` reads)."""
-    return read_settings_file(path)
-
-
 def from_config_file(path: Path) -> ModelSource:
-    """A [model] table of ModelConfig fields; `preset = "name"` (top level or in [model]) starts from a preset.
+    """A [model] table of ModelConfig fields; `preset = "name"` (top level or in [model]) starts
+    from a preset. TOML, or JSON when the name ends in .json.
 
     A [train] table is allowed and ignored, so a `tformer train --config` file profiles as is.
     """
-    data = _read_file(path)
+    data = read_settings_file(path)
     unknown = sorted(set(data) - {"model", "preset", "train"})
     if unknown:
         raise TformerError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; put ModelConfig fields in a [model] table"
+            f"{path}: unknown key(s) {', '.join(unknown)}; "
+            "put ModelConfig fields in a [model] table"
         )
     fields = data.get("model", {})
     if not isinstance(fields, dict):
@@ -131,7 +127,7 @@ def from_config_file(path: Path) -> ModelSource:
 def resolve_source(
     model_dir: Path | None, preset: str | None, config_file: Path | None
 ) -> ModelSource:
-    """At most one of -m, --preset, --config; none profiles the default preset of `tformer train`."""
+    """At most one of -m, --preset, --config; none: the default preset of `tformer train`."""
     given = [
         name
         for name, v in (("-m/--model", model_dir), ("--preset", preset), ("--config", config_file))
@@ -139,7 +135,8 @@ def resolve_source(
     ]
     if len(given) > 1:
         raise TformerError(
-            "tformer profile takes exactly one of -m RUN_DIR, --preset NAME or --config FILE, or none "
+            "tformer profile takes exactly one of -m RUN_DIR, --preset NAME or --config FILE, "
+            "or none "
             f"for the default preset of `tformer train` (got {' and '.join(given)})"
         )
     if not given:

@@ -1,4 +1,16 @@
-"""Run directories: the contract between commands (see DESIGN.md, "Checkpoint directory")."""
+"""Run directories: the contract between commands (see ARCHITECTURE.md).
+
+Every name a run directory holds is spelled here (config.json and model.safetensors belong to
+the model and are spelled in models.weights; the lock file in runs.lock, beside its mechanism):
+
+    RUN_DIR/config.json, model.safetensors     the model (models.weights)
+            adapter.safetensors                LoRA weights of an unmerged fine-tune
+            tokenizer.model                    the sentencepiece model the run trains with
+            metrics.jsonl                      one JSON object per logged step or eval
+            run_card.json                      the summary `train` and `finetune` print
+            train_state/state.json (+ tensors) what --resume needs (training.state)
+            best/                              the weights with the lowest validation loss
+"""
 
 from __future__ import annotations
 
@@ -13,13 +25,25 @@ from models import CheckpointError, Transformer
 from models.config import ModelConfig
 from models.lora import apply_lora, lora_state, merge_lora
 from models.weights import CONFIG_FILE, WEIGHTS_FILE, load_tensors, load_weights, read_config_file
-from tformer_cli.errors import TformerError
 from tformer_cli.data.tokenizer import Tokenizer, load_tokenizer
+from tformer_cli.errors import TformerError
 
 TOKENIZER_FILE = "tokenizer.model"
+ADAPTER_FILE = "adapter.safetensors"
 METRICS_FILE = "metrics.jsonl"
+RUN_CARD_FILE = "run_card.json"
 TRAIN_STATE_DIR = "train_state"
+TRAIN_STATE_FILE = "state.json"  # in TRAIN_STATE_DIR: names the tensor files that belong together
 BEST_DIR = "best"
+# A tokenizer trained for a new run waits under this name until the run's inputs are known good.
+# It has the shape of an interrupted atomic write, so the next start clears it.
+STAGED_TOKENIZER = ".tokenizer.model.staged.tmp"
+CHECKPOINT_FILES = (WEIGHTS_FILE, ADAPTER_FILE)
+
+
+def resume_state_file(run_dir: str | Path) -> Path:
+    """RUN_DIR/train_state/state.json: a run can be resumed when this file exists."""
+    return Path(run_dir) / TRAIN_STATE_DIR / TRAIN_STATE_FILE
 
 
 @dataclass
@@ -33,11 +57,8 @@ class Run:
 
     @property
     def config(self) -> ModelConfig:
+        """The model's config."""
         return self.model.config
-
-
-ADAPTER_FILE = "adapter.safetensors"
-CHECKPOINT_FILES = (WEIGHTS_FILE, ADAPTER_FILE)
 
 
 def read_dir_config(path: str | Path) -> dict[str, Any] | None:
@@ -69,9 +90,11 @@ def holds_checkpoint(run_dir: str | Path) -> bool:
     unfinished start: what it holds is rebuilt by the next run.
     """
     run_dir = Path(run_dir)
-    if (run_dir / TRAIN_STATE_DIR / "state.json").is_file():
+    if resume_state_file(run_dir).is_file():
         return True
-    return any((d / name).is_file() for d in (run_dir, run_dir / BEST_DIR) for name in CHECKPOINT_FILES)
+    return any(
+        (d / name).is_file() for d in (run_dir, run_dir / BEST_DIR) for name in CHECKPOINT_FILES
+    )
 
 
 def check_run_dir(path: str | Path, tokenizer: bool = True) -> Path:
@@ -82,14 +105,20 @@ def check_run_dir(path: str | Path, tokenizer: bool = True) -> Path:
     """
     path = Path(path)
     if not path.is_dir():
-        raise TformerError(f"{path}: no such run directory; train one with `tformer train CORPUS -o {path}`")
+        raise TformerError(
+            f"{path}: no such run directory; train one with `tformer train CORPUS -o {path}`"
+        )
     if is_hf_dir(path):
         from tformer_cli.interop.hf_import import check_hf_llama  # import_hf builds on this module
 
         check_hf_llama(path)
         return path
     weights = WEIGHTS_FILE
-    if (path / CONFIG_FILE).is_file() and not (path / WEIGHTS_FILE).exists() and (path / ADAPTER_FILE).exists():
+    if (
+        (path / CONFIG_FILE).is_file()
+        and not (path / WEIGHTS_FILE).exists()
+        and (path / ADAPTER_FILE).exists()
+    ):
         weights = ADAPTER_FILE  # an unmerged LoRA fine-tune: base run + adapter
     for name in (CONFIG_FILE, weights, *((TOKENIZER_FILE,) if tokenizer else ())):
         if not (path / name).is_file():
@@ -127,8 +156,15 @@ def _load_run_model(
 
         # Read in place, never written to: the same conversion as `tformer import`, in memory.
         hf = read_hf_llama(path)
-        return hf.model, {"format": "hf-llama", "imported_from": str(path.resolve()),
-                          "source_dtype": hf.source_dtype}, hf.tokenizer
+        return (
+            hf.model,
+            {
+                "format": "hf-llama",
+                "imported_from": str(path.resolve()),
+                "source_dtype": hf.source_dtype,
+            },
+            hf.tokenizer,
+        )
     info = read_config_file(path)
     config = ModelConfig.from_dict(info["model"])
     tokenizer = check_tokenizer(path, info, config)
@@ -136,18 +172,27 @@ def _load_run_model(
         model = Transformer(config)
         load_weights(model, path / WEIGHTS_FILE)
         return model, info, tokenizer
+    return _load_lora_run(path, info, config, seen), info, tokenizer
+
+
+def _load_lora_run(
+    path: Path, info: dict[str, Any], config: ModelConfig, seen: tuple[Path, ...]
+) -> Transformer:
+    """An unmerged LoRA run's model: its base run (loaded in turn) with the adapter merged in."""
     lora = _lora_section(path, info)
     base_dir = Path(info["base"])
-    here = path.resolve()
-    chain = (*seen, here)
+    chain = (*seen, path.resolve())
     if base_dir.resolve() in chain:
         loop = " -> ".join(str(p) for p in (*chain, base_dir.resolve()))
         raise TformerError(
-            f"{path / CONFIG_FILE}: \"base\" makes a cycle of LoRA runs ({loop}); set \"base\" "
+            f'{path / CONFIG_FILE}: "base" makes a cycle of LoRA runs ({loop}); set "base" '
             "to the run this one was fine-tuned from"
         )
     if not base_dir.exists():
-        raise TformerError(f"{path}: its base run {base_dir} is gone; a LoRA run needs its base (or merge it with --merge)")
+        raise TformerError(
+            f"{path}: its base run {base_dir} is gone; a LoRA run needs its base "
+            "(or merge it with --merge)"
+        )
     try:
         check_run_dir(base_dir)
     except TformerError as e:
@@ -156,20 +201,24 @@ def _load_run_model(
     if model.config != config:
         raise TformerError(
             f"{path}: its base run {base_dir} is not the model it was fine-tuned from (their model "
-            "configs differ); point \"base\" in config.json at the right run"
+            'configs differ); point "base" in config.json at the right run'
         )
     try:
         apply_lora(model, lora["targets"], lora["rank"], lora["alpha"])
     except ValueError as e:
-        raise TformerError(f"{path / CONFIG_FILE}: \"lora\": {e}") from None
+        raise TformerError(f'{path / CONFIG_FILE}: "lora": {e}') from None
     tensors = load_tensors(path / ADAPTER_FILE)
     expected = lora_state(model.state_dict())
-    if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
-        raise CheckpointError(f"{path / ADAPTER_FILE}: does not match the LoRA settings in config.json")
+    if set(tensors) != set(expected) or any(
+        tensors[k].shape != v.shape for k, v in expected.items()
+    ):
+        raise CheckpointError(
+            f"{path / ADAPTER_FILE}: does not match the LoRA settings in config.json"
+        )
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k])
-    return merge_lora(model), info, tokenizer
+    return merge_lora(model)
 
 
 def _lora_section(path: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -177,19 +226,26 @@ def _lora_section(path: Path, info: dict[str, Any]) -> dict[str, Any]:
     lora, base = info.get("lora"), info.get("base")
     if not isinstance(lora, dict) or "base" not in info:
         raise TformerError(
-            f"{path}: {ADAPTER_FILE} without a \"lora\" section and \"base\" in config.json"
+            f'{path}: {ADAPTER_FILE} without a "lora" section and "base" in config.json'
         )
     if not isinstance(base, str) or not base:
         raise TformerError(
-            f"{path / CONFIG_FILE}: \"base\" must be the path of the base run, got {base!r}"
+            f'{path / CONFIG_FILE}: "base" must be the path of the base run, got {base!r}'
         )
     targets, rank, alpha = lora.get("targets"), lora.get("rank"), lora.get("alpha")
-    if (not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)
-            or not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
-            or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) for t in targets)
+        or not isinstance(rank, int)
+        or isinstance(rank, bool)
+        or rank < 1
+        or not isinstance(alpha, (int, float))
+        or isinstance(alpha, bool)
+    ):
         raise TformerError(
-            f"{path / CONFIG_FILE}: \"lora\" must hold \"targets\" (a list of names), \"rank\" "
-            "(a positive integer) and \"alpha\" (a number), as `tformer finetune` writes it"
+            f'{path / CONFIG_FILE}: "lora" must hold "targets" (a list of names), "rank" '
+            '(a positive integer) and "alpha" (a number), as `tformer finetune` writes it'
         )
     return lora
 

@@ -17,17 +17,19 @@ from pathlib import Path
 from models.weights import CONFIG_FILE, WEIGHTS_FILE
 from tformer_cli.errors import TformerError
 from tformer_cli.runs.locate import DEFAULT_RUNS_DIR
+from tformer_cli.runs.lock import LOCK_FILE, RunLock
 from tformer_cli.runs.rundir import (
     ADAPTER_FILE,
     BEST_DIR,
     METRICS_FILE,
+    RUN_CARD_FILE,
     TOKENIZER_FILE,
     TRAIN_STATE_DIR,
+    TRAIN_STATE_FILE,
     holds_checkpoint,
+    resume_state_file,
 )
-from tformer_cli.runs.lock import LOCK_FILE, RunLock
 
-RUN_CARD_FILE = "run_card.json"
 # Everything a training command writes into a run directory (and so may remove on --overwrite).
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, TOKENIZER_FILE, METRICS_FILE, RUN_CARD_FILE)
 RUN_DIRS = (TRAIN_STATE_DIR, BEST_DIR)
@@ -129,14 +131,14 @@ def claim_auto(name: str, root: Path, resume: bool, overwrite: bool) -> RunTarge
 
 def _claim_resume(name: str, root: Path) -> RunTarget:
     """--resume without -o: the most recently saved resumable run of this name."""
-    state = Path(TRAIN_STATE_DIR) / "state.json"
-    runs = [p for p in _existing_series(root, name) if (p / state).is_file()]
+    runs = [p for p in _existing_series(root, name) if resume_state_file(p).is_file()]
     if not runs:
         raise TformerError(
             f"nothing to resume: no run under {root}/ named {name} or {name}-N holds "
-            f"{TRAIN_STATE_DIR}/state.json; start a new run without --resume, or name one with -o"
+            f"{TRAIN_STATE_DIR}/{TRAIN_STATE_FILE}; start a new run without --resume, "
+            "or name one with -o"
         )
-    path = max(runs, key=lambda p: ((p / state).stat().st_mtime, p.name))
+    path = max(runs, key=lambda p: (resume_state_file(p).stat().st_mtime, p.name))
     return RunTarget(path, RunLock(path).acquire(), "resume", auto=True)
 
 
@@ -172,9 +174,9 @@ def check_run_dir_use(run_dir: Path, resume: bool, overwrite: bool) -> None:
     that failed early) may be taken over without asking.
     """
     if resume:
-        if not (run_dir / TRAIN_STATE_DIR / "state.json").is_file():
+        if not resume_state_file(run_dir).is_file():
             raise TformerError(
-                f"{run_dir}: nothing to resume (no {TRAIN_STATE_DIR}/state.json); "
+                f"{run_dir}: nothing to resume (no {TRAIN_STATE_DIR}/{TRAIN_STATE_FILE}); "
                 "start it again without --resume (an unfinished start is taken over)"
             )
         return
@@ -224,7 +226,8 @@ def refuse_output_over_inputs(output: Path, files: list[Path], dirs: list[Path] 
         f = Path(f).resolve()
         if out == f or out in f.parents:
             raise TformerError(
-                f"{output}: holds {f.name}, an input of this command; write the run elsewhere with -o"
+                f"{output}: holds {f.name}, an input of this command; "
+                "write the run elsewhere with -o"
             )
     for d in dirs:
         d = Path(d).resolve()

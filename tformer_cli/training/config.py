@@ -1,9 +1,9 @@
-"""Training settings: defaults, a TOML file, then command-line flags, in that order of precedence."""
+"""Training settings: defaults, a TOML file, then command-line flags, in that order of
+precedence."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from models import ConfigError, ModelConfig, get_preset
-from tformer_cli.errors import TformerError
+from tformer_cli.errors import TformerError, decode_utf8, parse_json
+from tformer_cli.units import human_bytes
 
 # The model `tformer train` builds when no --preset (or --config preset) is given; `tformer profile`
 # without a model profiles the same one.
@@ -95,7 +96,8 @@ class TrainConfig:
             raise TformerError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         if self.grad_clip < 0:
             raise TformerError(
-                f"--grad-clip must be 0 (off) or a positive gradient-norm limit, got {self.grad_clip}"
+                "--grad-clip must be 0 (off) or a positive gradient-norm limit, "
+                f"got {self.grad_clip}"
             )
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise TformerError(f"--dropout must be in [0, 1), got {self.dropout}")
@@ -110,11 +112,13 @@ class TrainConfig:
         )  # an unknown preset or a bad [model] field fails before any work
         if self.batch_size % self.grad_accum:
             raise TformerError(
-                f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"
+                f"--batch-size {self.batch_size} must be a multiple of "
+                f"--grad-accum {self.grad_accum}"
             )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        """The model to train: the preset, the [model] overrides, then vocab, context and dropout."""
+        """The model to train: the preset, the [model] overrides, then vocab, context and
+        dropout."""
         overrides = dict(self.model)
         overrides["vocab_size"] = vocab_size
         if self.dropout is not None:
@@ -128,9 +132,11 @@ class TrainConfig:
         return cfg
 
     def context(self, cfg: ModelConfig) -> int:
+        """Tokens per training sequence: --seq-len, else the model's context up to 256."""
         return self.seq_len or min(cfg.max_seq_len, 256)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (what config.json records under "train")."""
         return dataclasses.asdict(self)
 
 
@@ -147,28 +153,19 @@ def parse_duration(text: str) -> float:
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
-    """A TOML settings file (tomllib on 3.11+, tomli before), or JSON when the name ends in .json."""
+    """A TOML settings file (tomllib on 3.11+, tomli before), or JSON when the name ends in
+    .json."""
     if not path.is_file():
         raise TformerError(f"{path}: config file not found")
     with open(path, "rb") as f:
         raw = f.read(SETTINGS_LIMIT + 1)
     if len(raw) > SETTINGS_LIMIT:
         raise TformerError(
-            f"{path}: over {SETTINGS_LIMIT >> 20} MB; a settings file is a few lines of TOML"
+            f"{path}: over {human_bytes(SETTINGS_LIMIT)}; a settings file is a few lines of TOML"
         )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TformerError(
-            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
-        ) from None
+    text = decode_utf8(raw, path)
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TformerError(
-                f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-            ) from None
+        data = parse_json(text, path)
     else:
         if sys.version_info >= (3, 11):
             import tomllib
@@ -233,7 +230,8 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
         unknown_tables = set(raw) - {"train", "model", "preset"}
         if unknown_tables:
             raise TformerError(
-                f"{path}: unknown table(s) {', '.join(sorted(unknown_tables))}; use [train] and [model]"
+                f"{path}: unknown table(s) {', '.join(sorted(unknown_tables))}; "
+                "use [train] and [model]"
             )
         for table in ("train", "model"):
             if not isinstance(raw.get(table, {}), dict):
@@ -264,6 +262,16 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
     return cfg
 
 
+def config_flags(params: dict[str, Any], **converted: Any) -> dict[str, Any]:
+    """A command's parameters that set a TrainConfig field of the same name, then the converted
+    ones (flags whose value needs parsing, or whose name differs).
+
+    For load_train_config: a flag left at None is not given.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {**{k: v for k, v in params.items() if k in fields}, **converted}
+
+
 def _file_duration(value: Any, path: Path) -> float:
     """[train] time as seconds: a duration string ("90s", "10m") or a number of seconds."""
     if isinstance(value, str):
@@ -276,7 +284,8 @@ def _file_duration(value: Any, path: Path) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     raise TformerError(
-        f'{path}: [train] time must be a duration such as "90s" or a number of seconds, got {value!r}'
+        f'{path}: [train] time must be a duration such as "90s" or a number of seconds, '
+        f"got {value!r}"
     )
 
 

@@ -1,4 +1,5 @@
-"""torch.distributed set-up for `torchrun`: DDP by default, FSDP with --fsdp; rank 0 does the I/O."""
+"""torch.distributed set-up for `torchrun`: DDP by default, FSDP with --fsdp; rank 0 does the
+I/O."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that reads inputs, writes files and reports."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """Whether there are other processes to agree with."""
         return self.world_size > 1
 
     def barrier(self) -> None:
+        """Wait until every process gets here."""
         if self.enabled:
             dist.barrier()
 
@@ -61,7 +65,8 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun; the device becomes this rank's GPU on CUDA."""
+    """Join the process group when launched by torchrun; on CUDA the device becomes this rank's
+    GPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(), device
@@ -75,5 +80,6 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
 
 
 def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the process group init_distributed joined (a no-op for a single process)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

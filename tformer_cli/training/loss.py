@@ -9,7 +9,8 @@ IGNORE = -100  # targets with this id (masked prompt tokens, padding) add no los
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of model(x) against y, in fp32; targets equal to IGNORE are skipped."""
+    """Mean next-token cross-entropy of model(x) against y, in fp32; targets equal to IGNORE
+    are skipped."""
     logits = model(x)
     targets = y.reshape(-1)
     total = F.cross_entropy(

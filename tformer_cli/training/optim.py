@@ -12,7 +12,8 @@ from torch import nn
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW, fused (or foreach) where available; norms, biases and 1-D tensors get no weight decay."""
+    """AdamW, fused (or foreach) where available; norms, biases and 1-D tensors get no weight
+    decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -42,4 +43,5 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
 
 
 def default_warmup(total: int) -> int:
+    """Warmup steps for a run of `total`: 5%, at least 10 and at most 200 (and half the run)."""
     return max(1, min(200, max(10, total // 20), total // 2))

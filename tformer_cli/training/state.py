@@ -1,23 +1,53 @@
-"""What --resume needs, in RUN_DIR/train_state/: weights, optimizer, RNG, step (safetensors + JSON).
+"""What --resume needs, in RUN_DIR/train_state/: weights, optimizer, RNG, step and RunState.
 
-The tensor files carry the step in their names and state.json, written last and atomically,
-names the set that belongs together; older sets are removed only after that. A crash at any
-moment therefore leaves state.json pointing at a complete checkpoint.
+Tensors go in safetensors, the rest in JSON. The tensor files carry the step in their names and
+state.json, written last and atomically, names the set that belongs together; older sets are
+removed only after that. A crash at any moment therefore leaves state.json pointing at a
+complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models.weights import atomic_write_text, load_tensors, save_tensors
-from tformer_cli.errors import TformerError
+from tformer_cli.errors import TformerError, parse_json
+from tformer_cli.runs.rundir import TRAIN_STATE_DIR, TRAIN_STATE_FILE
 
-STATE_FILE = "state.json"
+
+@dataclass
+class RunState:
+    """What changes as training goes; all of it goes into train_state/state.json."""
+
+    step: int = 0
+    total_steps: int = 0
+    warmup: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    last_saved_step: int = -1
+    losses: list[float] = field(default_factory=list)  # one per log interval, for the sparkline
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON values (no best loss yet is null: JSON has no infinity)."""
+        data = dict(self.__dict__)
+        data["best_val_loss"] = None if math.isinf(self.best_val_loss) else self.best_val_loss
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunState:
+        """The state to_json wrote; fields it does not know are ignored."""
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if known.get("best_val_loss") is None:
+            known["best_val_loss"] = math.inf
+        return cls(**known)
 
 
 @dataclass
@@ -56,6 +86,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU and CUDA random generators' states, as tensors to save."""
     state = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -64,6 +95,7 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    """Put back what rng_state saved (CUDA's only where this machine has CUDA)."""
     torch.set_rng_state(state["rng.cpu"])
     cuda = [state[k] for k in sorted(state) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
@@ -85,7 +117,7 @@ def save_train_state(
     save_tensors(model_state, directory / weights)
     save_tensors({**opt_tensors, **rng_state()}, directory / optim)
     state = {"step": step, "model": weights, "optimizer": optim, "optimizer_meta": opt_meta, **info}
-    atomic_write_text(directory / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    atomic_write_text(directory / TRAIN_STATE_FILE, json.dumps(state, indent=1) + "\n")
     for old in directory.glob("*.safetensors"):
         if old.name not in (weights, optim):
             old.unlink(missing_ok=True)
@@ -94,16 +126,13 @@ def save_train_state(
 def load_train_state(directory: str | Path) -> TrainState:
     """Read the checkpoint that state.json names, or say why --resume cannot."""
     directory = Path(directory)
-    path = directory / STATE_FILE
+    path = directory / TRAIN_STATE_FILE
     if not path.is_file():
         raise TformerError(
-            f"{directory.parent}: nothing to resume (no train_state/{STATE_FILE}); "
+            f"{directory.parent}: nothing to resume (no {TRAIN_STATE_DIR}/{TRAIN_STATE_FILE}); "
             "start a new run without --resume"
         )
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TformerError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    state = parse_json(path.read_text(encoding="utf-8"), path)
     model = load_tensors(directory / state["model"])
     optim = load_tensors(directory / state["optimizer"])
     rng = {k: v for k, v in optim.items() if k.startswith("rng.")}
