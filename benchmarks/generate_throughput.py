@@ -3,10 +3,12 @@ KV cache.
 
     python benchmarks/generate_throughput.py                       # small and gpt2, batch 1 and 8
     python benchmarks/generate_throughput.py --presets small --batch-sizes 1 --precision bf16
+    python benchmarks/generate_throughput.py --quantize int8
 
 Random weights (speed does not depend on them), a 128-token prompt, greedy decoding through the
 same engine as `tformer generate` (tformer_cli.inference.text.generate) on a model prepared the
-way the command prepares it (`Transformer.prepare_for_inference`). Columns:
+way the command prepares it (`tformer_cli.device.ready_for_inference`: int8 weights with
+--quantize int8, packed bf16 weights for bf16 on a CPU with bf16 hardware). Columns:
 
 - prefill: prompt tokens/s of the one-pass prefill; first token: prefill + the first sample
 - decode: tokens/s after the first, through the model's fused one-token step and the KV cache
@@ -32,7 +34,9 @@ from rich.console import Console
 from rich.table import Table
 
 from models import Transformer, get_preset
-from tformer_cli.device import DTYPES, resolve_device, resolve_precision
+from models.quantize import SCHEMES
+from tformer_cli.device import ready_for_inference, resolve_device
+from tformer_cli.inference.load import inference_target
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.inference.text import generate
 
@@ -49,11 +53,11 @@ class NullTokenizer:
 
 
 def measure(
-    preset: str, batch: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+    preset: str, batch: int, args: argparse.Namespace, device: torch.device, precision: str
 ) -> dict:
     """The figures of one preset at one batch size: fused, hidden() and uncached decoding."""
     torch.manual_seed(0)
-    model = Transformer(get_preset(preset)).to(device=device, dtype=dtype).prepare_for_inference()
+    model = ready_for_inference(Transformer(get_preset(preset)), device, precision, args.quantize)
     tok = NullTokenizer()
     prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len)).tolist()
     n = min(args.new_tokens, model.config.max_seq_len - args.prompt_len)  # stay inside one window
@@ -103,6 +107,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", default="none", choices=SCHEMES)
     return parser.parse_args()
 
 
@@ -125,10 +130,12 @@ def main() -> None:
     """Measure each preset at each batch size and print the table."""
     args = parse_args()
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device, job="inference")
+    _, precision = inference_target(args.device, args.precision, args.quantize)
     console = Console(width=None if sys.stdout.isatty() else 120)  # a readable table in a log too
     table = Table(
-        title=f"generation on {device} {precision}, {torch.get_num_threads()} threads, "
+        title=f"generation on {device} {precision}"
+        + ("" if args.quantize == "none" else f" activations, {args.quantize} weights")
+        + f", {torch.get_num_threads()} threads, "
         f"prompt {args.prompt_len} tokens, greedy"
     )
     for col in COLUMNS:
@@ -136,7 +143,7 @@ def main() -> None:
     start = time.perf_counter()
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            r = measure(preset, batch, args, device, DTYPES[precision])
+            r = measure(preset, batch, args, device, precision)
             console.print(
                 f"{preset} batch {batch}: decode {r['decode']:,.0f} tokens/s", style="dim"
             )

@@ -17,6 +17,10 @@ from models.cache import KVCache
 from models.config import ModelConfig
 from models.decode import DecodeStep
 from models.layers import make_mlp, make_norm, rope_tables, sinusoidal_table
+from models.quantize import Bf16Linear, Int8Linear
+
+# Devices where prepare_for_inference(compile=True) compiles the fused one-token step too.
+COMPILE_STEP = ("cuda",)
 
 
 class Block(nn.Module):
@@ -68,6 +72,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         self.decode_step: DecodeStep | None = None  # the fused one-token step, once prepared
         self._compiled_hidden = None  # hidden() through torch.compile, once prepared so
+        self._compiled_step = None  # the fused step through torch.compile (on COMPILE_STEP)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -88,15 +93,20 @@ class Transformer(nn.Module):
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """A zeroed KV cache for this model on its device (max_len: the context window)."""
+        """A zeroed KV cache for this model on its device (max_len: the context window).
+
+        Its dtype is the model's float dtype, or bf16 when the matmul weights are packed bf16
+        (models/quantize.py): half the memory, and attention reads it in bf16 either way.
+        """
         cfg, ref = self.config, self.tok_emb.weight
+        packed_bf16 = isinstance(self.head, Bf16Linear)
         return KVCache(
             cfg.n_layers,
             batch_size,
             cfg.n_kv_heads,
             max_len or cfg.max_seq_len,
             cfg.head_dim,
-            dtype=dtype or ref.dtype,
+            dtype=dtype or (torch.bfloat16 if packed_bf16 else ref.dtype),
             device=ref.device,
         )
 
@@ -184,18 +194,24 @@ class Transformer(nn.Module):
         this model's own parameters are pointed at slices of the fused buffers, so prefill and
         decoding share one copy of the weights. The model computes the same function (to float
         rounding) but is for inference only: training would update views of fused buffers.
-        compile=True also runs hidden() (prefill, uncached steps) through torch.compile; the
-        fused step stays eager (compiled, it re-specialises on every cache slot and ran slower
-        on a CPU).
+        Linear layers already quantized or packed (models/quantize.py) are fused in their own
+        form. compile=True also runs hidden() (prefill, uncached steps) through torch.compile,
+        and on a GPU the fused step too (dynamic shapes: one graph for every cache slot). On a
+        CPU the step stays eager: compiled it ran 0.7-0.85x as fast (gpt-fast's static cache
+        included; see the README's "Generation speed").
         """
+        if compile and any(isinstance(m, (Int8Linear, Bf16Linear)) for m in self.modules()):
+            raise ValueError("torch.compile cannot trace packed (int8 or bf16) weights")
         self.eval()
-        self.decode_step = None
+        self.decode_step = self._compiled_step = None
         if DecodeStep.supports(self):
             with torch.no_grad():
                 self.decode_step = DecodeStep(self)
                 self.decode_step.bind(self)
         if compile:
             self._compiled_hidden = torch.compile(self.hidden, dynamic=True)
+            if self.decode_step is not None and self.tok_emb.weight.device.type in COMPILE_STEP:
+                self._compiled_step = torch.compile(self.decode_step.__call__, dynamic=True)
         return self
 
     @property
@@ -221,6 +237,7 @@ class Transformer(nn.Module):
         """
         if fused and cache is not None and idx.size(1) == 1 and self.fused_decoding:
             positions = start if pos is None else pos[..., -1]  # int, or (B,)
-            return self.decode_step(self, idx[:, 0], cache, start, positions, key_mask)
+            step = self._compiled_step or self.decode_step
+            return step(self, idx[:, 0], cache, start, positions, key_mask)
         hidden = self.hidden if self._compiled_hidden is None else self._compiled_hidden
         return self.head(hidden(idx, cache, start, pos, key_mask)[:, -1])

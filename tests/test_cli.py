@@ -7,9 +7,11 @@ import re
 import subprocess
 import sys
 
+import torch
 from conftest import ROOT
 
 from tformer_cli import __version__
+from tformer_cli.device import packs_bf16
 from tformer_cli.errors import TformerError
 
 
@@ -36,7 +38,9 @@ def test_info_json_reports_the_machine(cli):
             data[f"auto_precision_{job}"] in ("fp32", "bf16", "fp16")
             and data[f"auto_precision_{job}_why"]
         )
-    assert data["auto_precision_inference"] == "fp32" or data["default_device"] != "cpu"
+    if data["default_device"] == "cpu":  # bf16 only where the packed bf16 path runs
+        expected = "bf16" if packs_bf16(torch.device("cpu")) else "fp32"
+        assert data["auto_precision_inference"] == expected
     assert isinstance(data["cpu_bf16_fast"], bool)
 
 

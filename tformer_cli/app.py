@@ -9,12 +9,15 @@ import typer
 from tformer_cli import __version__
 from tformer_cli.commands import (
     chat,
+    eval,
     export,
     finetune,
     generate,
     import_hf,
     info,
     profile,
+    runs,
+    serve,
     tokenize,
     train,
 )
@@ -67,6 +70,9 @@ _add("chat", chat.chat, chat.EXAMPLES)
 _add("finetune", finetune.finetune, finetune.EXAMPLES)
 _add("export", export.export, export.EXAMPLES)
 _add("import", import_hf.import_command, import_hf.EXAMPLES)
+_add("serve", serve.serve, serve.EXAMPLES)
+_add("eval", eval.eval_command, eval.EXAMPLES)
+_add("runs", runs.runs, runs.EXAMPLES)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

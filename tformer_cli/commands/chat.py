@@ -15,7 +15,7 @@ from tformer_cli.commands.console import check_text, pick_model, require_stdin, 
 from tformer_cli.commands.options import check_max_new_tokens, check_seed
 from tformer_cli.errors import TformerError
 from tformer_cli.inference.chat import ChatSession, read_transcript
-from tformer_cli.inference.load import inference_target, load_for_inference
+from tformer_cli.inference.load import check_quantize, inference_target, load_for_inference
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.runs.rundir import Run
 
@@ -331,6 +331,7 @@ def chat(
     seed: int = options.seed("The same seed gives the same replies."),
     device: str = options.device(),
     precision: str = options.precision(),
+    quantize: str = options.quantize(),
     compile_model: bool = options.compile_prefill(),
 ) -> None:
     """Chat with a model. On a terminal: line editing, history, /help. From a pipe: one turn per line, one reply per line on stdout."""  # noqa: E501 - the command list in `tformer --help` shows this line as written
@@ -342,13 +343,15 @@ def chat(
     require_stdin("chat reads one turn per line: run it on a terminal or pipe lines in")
     _tolerate_bad_bytes(sys.stdin)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    dev, prec = inference_target(device, precision, quantize)
+    check_quantize(quantize, dev, compile_model)
     path = pick_model(model_dir, err)
-    dev, prec = inference_target(device, precision)
-    run = load_for_inference(path, dev, prec, compile_model)
+    run = load_for_inference(path, dev, prec, compile_model, quantize=quantize)
     mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
     session = ChatSession(run.model, run.tokenizer, mode, sampling, max_new_tokens, system, seed)
     interactive = sys.stdin.isatty()
-    err.print(_greeting(run, mode, f"{dev} {prec}", interactive))
+    where = f"{dev} {prec}" + ("" if quantize == "none" else f" activations, {quantize} weights")
+    err.print(_greeting(run, mode, where, interactive))
     conversation = _Conversation(session, err, interactive)
     conversation.run()
     if conversation.bad_lines:

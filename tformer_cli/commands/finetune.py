@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from tformer_cli.commands import options
 from tformer_cli.commands.progress import run_with_progress
 from tformer_cli.data.chat_template import encode_chat, plain_transcript
 from tformer_cli.inference.sampling import SamplingConfig
@@ -104,6 +105,7 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json", help="Print the run card as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quantize: str = options.refuse_quantize(),
 ) -> None:
     """Fine-tune a base run on instruction or chat data (loss on the assistant's tokens)."""
     flags = config_flags(

@@ -15,7 +15,7 @@ from tformer_cli.commands.console import check_text, pick_model, require_stdin, 
 from tformer_cli.commands.options import check_max_new_tokens, check_seed
 from tformer_cli.errors import TformerError
 from tformer_cli.inference.engine import GenerationStats
-from tformer_cli.inference.load import inference_target, load_for_inference
+from tformer_cli.inference.load import check_quantize, inference_target, load_for_inference
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.inference.text import Completion
 from tformer_cli.inference.text import generate as run_generation
@@ -109,6 +109,7 @@ def generate(
     ),
     device: str = options.device(),
     precision: str = options.precision(),
+    quantize: str = options.quantize(),
     compile_model: bool = options.compile_prefill(),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object with the text, token counts and timings."
@@ -118,11 +119,12 @@ def generate(
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty).validate()
     texts = _checked_prompts(prompt, stop, max_new_tokens, seed, num_samples)
     err = Console(stderr=True, soft_wrap=True)
+    dev, prec = inference_target(device, precision, quantize)
+    check_quantize(quantize, dev, compile_model)
     path = pick_model(model_dir, err)
     texts = texts or [_read_stdin(err)]
-    dev, prec = inference_target(device, precision)
     _require_fit(path, texts, num_samples, max_new_tokens, dev, prec)
-    run = load_for_inference(path, dev, prec, compile_model)
+    run = load_for_inference(path, dev, prec, compile_model, quantize=quantize)
     batch = [t for t in texts for _ in range(num_samples)]
     encoded = [prompt_ids(run, t, err) for t in texts]  # each prompt encoded (and cut) once
     ids = [list(r) for r in encoded for _ in range(num_samples)]
@@ -131,10 +133,13 @@ def generate(
     results, stats = _run(run, ids, sampling, max_new_tokens, stops, no_cache, seed, stream, err)
     if as_json:
         out = _json_report(batch, results, stats, dev, prec, no_cache)
+        if quantize != "none":
+            out["quantize"] = quantize
         typer.echo(json.dumps(out, ensure_ascii=False))
         return
     _print_texts(results, streamed=stream)
-    err.print(_stats_line(stats, dev, prec, no_cache))
+    shown = prec if quantize == "none" else f"{prec} activations, {quantize} weights"
+    err.print(_stats_line(stats, dev, shown, no_cache))
 
 
 def _checked_prompts(

@@ -41,6 +41,33 @@ def precision() -> Any:
     return typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16.")
 
 
+def quantize() -> Any:
+    """--quantize: weights quantized at load time (none or int8)."""
+    return typer.Option(
+        "none",
+        "--quantize",
+        metavar="none|int8",
+        help=(
+            "none, or int8: the linear layers and the head as int8 weights, quantized as the "
+            "model loads (CPU; about 2-4x faster decoding)."
+        ),
+    )
+
+
+def refuse_quantize() -> Any:
+    """A hidden --quantize for training commands: one line saying where quantization belongs
+    (rather than an unknown-option usage box)."""
+    return typer.Option(None, "--quantize", hidden=True, callback=_refuse_quantize)
+
+
+def _refuse_quantize(value: str | None) -> None:
+    if value is not None:
+        raise TformerError(
+            f"--quantize {value} is for inference, not training: train in full precision, then "
+            "quantize when you load: tformer generate --quantize int8"
+        )
+
+
 def compile_prefill() -> Any:
     """--compile: torch.compile the model's prefill."""
     return typer.Option(

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from tformer_cli.commands.charts import TerminalChart, terminal_chart
+from tformer_cli.errors import TformerError
+from tformer_cli.runs.catalog import loss_series
 from tformer_cli.units import human_bytes, human_duration
+
+CHART_WIDTH, CHART_HEIGHT = 72, 14  # the card's small chart: a glance, not a study
 
 
 def _num(value: float | None, fmt: str = "{:.4f}") -> str:
@@ -60,10 +67,25 @@ def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def render_run_card(card: dict[str, Any], console: Console) -> None:
-    """The card as a two-column rich table."""
+    """The card as a two-column rich table, and under it a small chart of the run's loss."""
     table = Table(title=f"run card: {card['run_dir']}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
     for label, value in run_card_rows(card):
         table.add_row(label, value)
     console.print(table)
+    chart = card_chart(card, min(console.width, CHART_WIDTH))
+    if chart is not None:
+        console.print(Text.from_ansi(chart.text))
+
+
+def card_chart(card: dict[str, Any], width: int) -> TerminalChart | None:
+    """The run's training and validation loss against tokens seen (runs.catalog.loss_series);
+    None when its metrics cannot be read or hold too little to draw."""
+    try:
+        series = loss_series(Path(card["run_dir"]), name=Path(card["run_dir"]).name)
+    except (TformerError, KeyError, TypeError):
+        return None
+    if len(series.train) + len(series.val) < 2:
+        return None
+    return terminal_chart([series], width=width, height=CHART_HEIGHT)

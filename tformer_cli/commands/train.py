@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from tformer_cli.commands import options
 from tformer_cli.commands.progress import run_with_progress
 from tformer_cli.data.pretokenize import default_cache_dir
 from tformer_cli.training.config import config_flags, load_train_config, parse_duration
@@ -107,6 +108,7 @@ def train(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the run card as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quantize: str = options.refuse_quantize(),
 ) -> None:
     """Train a model on a text corpus: tokenizer, tokens, model, checkpoints, run card."""
     flags = config_flags(

@@ -91,8 +91,15 @@ def _subdirs(directory: Path) -> list[Path]:
 
 def _tformer_output(directory: Path) -> bool:
     """A run directory (finished or not) or a pre-tokenised corpus, by what tformer writes there."""
-    # runs.rundir and data.pretokenize build on this module: imported when first needed
-    from tformer_cli.data.pretokenize import META_FILE
+    from tformer_cli.data.pretokenize import META_FILE  # pretokenize builds on this module
+
+    return is_run_output(directory) or _token_meta(directory / META_FILE)
+
+
+def is_run_output(directory: Path) -> bool:
+    """A run directory, finished or not, by what tformer writes there (`tformer runs` lists
+    these; a corpus scan leaves them out)."""
+    # runs.rundir builds on this module: imported when first needed
     from tformer_cli.runs.lock import LOCK_FILE
     from tformer_cli.runs.rundir import METRICS_FILE, TOKENIZER_FILE, TRAIN_STATE_DIR, is_run_dir
 
@@ -102,9 +109,8 @@ def _tformer_output(directory: Path) -> bool:
         or (directory / TRAIN_STATE_DIR).is_dir()
     ):
         return True
-    if (directory / METRICS_FILE).is_file() and (directory / TOKENIZER_FILE).is_file():
-        return True  # a start that has not saved its first checkpoint (config.json) yet
-    return _token_meta(directory / META_FILE)
+    # a start that has not saved its first checkpoint (config.json) yet
+    return (directory / METRICS_FILE).is_file() and (directory / TOKENIZER_FILE).is_file()
 
 
 def _token_meta(path: Path) -> bool:

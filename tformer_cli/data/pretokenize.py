@@ -170,13 +170,13 @@ def _tokenize_files(
     done = 0
     for path in files:
         size = path.stat().st_size
-        split_at = int(size * (1 - val_fraction))
+        split_at = split_offset(size, val_fraction)
         started: set[str] = set()
         for offset, text in iter_documents(path):
             if path.suffix == ".jsonl":  # a record is a document: it goes whole to one split
                 pending.add("val" if offset >= split_at else "train", bos, text, eos)
             else:  # the file is one document per split it reaches: BOS ... EOS in each
-                for split, piece in _split_piece(offset, text, split_at):
+                for split, piece in split_piece(offset, text, split_at):
                     if split not in started:
                         started.add(split)
                         pending.add(split, bos)
@@ -194,8 +194,17 @@ def _tokenize_files(
             progress(done, total)
 
 
-def _split_piece(offset: int, text: str, split_at: int) -> list[tuple[str, str]]:
-    """A text chunk at a byte offset, divided at the train/val boundary (on a line break)."""
+def split_offset(size: int, val_fraction: float) -> int:
+    """Where a file of size bytes turns to validation data (before moving to a line or record
+    boundary): its last val_fraction is held out."""
+    return int(size * (1 - val_fraction))
+
+
+def split_piece(offset: int, text: str, split_at: int) -> list[tuple[str, str]]:
+    """A text chunk at a byte offset, divided at the train/val boundary (on a line break).
+
+    `tformer eval` rebuilds a run's held-out text with this, exactly as it was split here.
+    """
     raw = text.encode("utf-8")
     if offset + len(raw) <= split_at:
         return [("train", text)]

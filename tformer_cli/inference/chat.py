@@ -33,6 +33,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def chat_mode(info: dict, tokenizer: Tokenizer) -> str:
+    """How a run is prompted: "chat" (the template's markers) for a model fine-tuned for chat
+    whose tokenizer has them (info is its config.json's run info), else "plain" (a transcript)."""
+    return "chat" if info.get("chat") and tokenizer.has_chat_markers else "plain"
+
+
+def render_prompt(tok: Tokenizer, mode: str, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt for a reply after messages (system, user and assistant turns, in order): the
+    chat template in "chat" mode, BOS and a plain transcript in "plain" mode. What `tformer chat`
+    and `tformer serve` send to the model."""
+    if mode == "chat":
+        return encode_chat(tok, messages)
+    return [tok.bos_id, *tok.encode(plain_transcript(messages))]
+
+
 @dataclass
 class TurnStats:
     """One reply: its tokens, how much of its prompt was prefilled or reused, the timings."""
@@ -79,9 +94,7 @@ class ChatSession:
     def prompt_ids_for(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt for a reply after these messages (the system prompt comes first)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        if self.mode == "chat":
-            return encode_chat(self.tok, system + messages)
-        return [self.tok.bos_id, *self.tok.encode(plain_transcript(system + messages))]
+        return render_prompt(self.tok, self.mode, system + messages)
 
     def _message_tokens(self, message: dict[str, str]) -> int:
         """About how many tokens a message adds to the prompt (exact in chat mode), memoised."""

@@ -1,4 +1,5 @@
-"""A run loaded for inference: on the chosen device, cast to the chosen precision, prepared."""
+"""A run loaded for inference: on the chosen device, at the chosen precision or quantized,
+prepared for fast decoding."""
 
 from __future__ import annotations
 
@@ -6,21 +7,76 @@ from pathlib import Path
 
 import torch
 
-from tformer_cli.device import DTYPES, resolve_device, resolve_precision
+from models.quantize import SCHEMES, int8_available
+from tformer_cli.device import (
+    inference_weights,
+    load_dtype,
+    ready_for_inference,
+    resolve_device,
+    resolve_precision,
+)
+from tformer_cli.errors import TformerError
 from tformer_cli.runs.rundir import Run, load_run
 
 
-def inference_target(device: str = "auto", precision: str = "auto") -> tuple[torch.device, str]:
-    """The device and precision that --device and --precision pick for inference."""
+def inference_target(
+    device: str = "auto", precision: str = "auto", quantize: str = "none"
+) -> tuple[torch.device, str]:
+    """The device and precision that --device and --precision pick for inference.
+
+    With --quantize int8 the float parts (embeddings, norms, activations) are fp32, which is what
+    auto picks then; an explicit bf16 or fp16 is refused in one line.
+    """
     dev = resolve_device(device)
-    return dev, resolve_precision(precision, dev, job="inference")
+    if quantize == "none" or quantize not in SCHEMES:
+        return dev, resolve_precision(precision, dev, job="inference")
+    if precision not in ("auto", "fp32"):
+        resolve_precision(precision, dev, job="inference")  # a bad name is reported as such
+        raise TformerError(
+            f"--quantize {quantize} multiplies int8 weights by fp32 activations; "
+            f"drop --precision {precision} (or use --precision fp32)"
+        )
+    return dev, "fp32"
+
+
+def check_quantize(scheme: str, device: torch.device, compile: bool = False) -> str:
+    """scheme, or one line saying what --quantize takes and where it runs."""
+    if scheme not in SCHEMES:
+        raise TformerError(f"--quantize {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if scheme == "none":
+        return scheme
+    if device.type != "cpu":
+        raise TformerError(
+            f"--quantize {scheme}: its kernels (fbgemm) run on the CPU only, not on "
+            f"{device.type}; on {device.type} use --precision bf16 (or fp16), or add --device cpu"
+        )
+    if not int8_available():
+        raise TformerError(
+            f"--quantize {scheme}: this torch build has no fbgemm int8 kernels (x86 CPUs only); "
+            "use --precision fp32 or bf16"
+        )
+    if compile:
+        raise TformerError(
+            f"--quantize {scheme} does not combine with --compile (torch.compile cannot trace "
+            "the int8 kernels); drop one of them"
+        )
+    return scheme
 
 
 def load_for_inference(
-    model_dir: Path, device: torch.device, precision: str, compile: bool = False
+    model_dir: Path,
+    device: torch.device,
+    precision: str,
+    compile: bool = False,
+    quantize: str = "none",
 ) -> Run:
-    """The run on device, its weights cast (not autocast) to precision, its model prepared for
-    fast decoding (and its prefill compiled with compile=True)."""
-    run = load_run(model_dir, device=device, dtype=DTYPES[precision])
-    run.model.prepare_for_inference(compile=compile)
+    """The run on device, prepared as device.ready_for_inference does (a LoRA run merged first).
+
+    The weights are read from the run's safetensors and quantized or packed in memory, never
+    written back. With quantize="int8" the float parts are fp32 whatever precision says.
+    """
+    check_quantize(quantize, device, compile)
+    weights = inference_weights(device, precision, quantize, compile)
+    run = load_run(model_dir, device=device, dtype=load_dtype(weights, precision))
+    run.model = ready_for_inference(run.model, device, precision, quantize, compile)
     return run

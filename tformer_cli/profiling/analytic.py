@@ -211,26 +211,57 @@ def inference_workspace_bytes(
     return total + batch_size * cfg.vocab_size * FP32  # logits of the last position
 
 
+def matmul_rows(cfg: ModelConfig) -> int:
+    """Output rows of every matmul weight (the blocks' and the head's): int8's scales."""
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    up = 2 * cfg.hidden_dim if cfg.mlp == "swiglu" else cfg.hidden_dim
+    return cfg.n_layers * (q_dim + 2 * kv_dim + cfg.dim + up + cfg.dim) + cfg.vocab_size
+
+
+def matmul_weight_bytes(cfg: ModelConfig, precision: str, weights: str = "none") -> int:
+    """Bytes of the matmul weights, which a decoded token reads once each: at the precision, or
+    in the packed form of models.quantize ("int8": a byte per weight and a 4-byte scale per
+    output row; "bf16": two bytes per weight)."""
+    if weights == "int8":
+        return matmul_params(cfg) + 4 * matmul_rows(cfg)
+    return matmul_params(cfg) * (2 if weights == "bf16" else bytes_per_element(precision))
+
+
 def inference_memory(
-    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, weights: str = "none"
 ) -> dict[str, int]:
     """Bytes of generating with a KV cache: weights at the precision, the cache for T tokens,
-    the prefill workspace."""
+    the prefill workspace.
+
+    With packed weights (weights "int8" or "bf16", see matmul_weight_bytes) the embeddings,
+    norms and activations are fp32 (a tied head keeps its float embedding besides); the cache
+    is at the precision (bf16 with packed bf16 weights, fp32 with int8).
+    """
     b = bytes_per_element(precision)
+    stored = b * cfg.num_params()
+    if weights != "none":
+        float_params = cfg.num_params() - matmul_params(cfg)
+        if cfg.tie_embeddings:
+            float_params += cfg.vocab_size * cfg.dim  # the embedding, apart from the packed head
+        stored = FP32 * float_params + matmul_weight_bytes(cfg, precision, weights)
     parts = {
-        "weights": b * cfg.num_params(),
+        "weights": stored,
         "kv_cache": kv_cache_bytes(cfg, seq_len, batch_size, b),
-        "workspace": inference_workspace_bytes(cfg, seq_len, batch_size, b),
+        "workspace": inference_workspace_bytes(
+            cfg, seq_len, batch_size, FP32 if weights != "none" else b
+        ),
     }
     parts["total"] = sum(parts.values())
     return parts
 
 
-def decode_bytes_per_step(cfg: ModelConfig, seq_len: int, batch_size: int, precision: str) -> int:
+def decode_bytes_per_step(
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, weights: str = "none"
+) -> int:
     """Bytes a cached decoding step reads: every matmul weight once, and the keys and values of
     T positions."""
-    b = bytes_per_element(precision)
-    return matmul_params(cfg) * b + kv_cache_bytes(cfg, seq_len, batch_size, b)
+    kv = kv_cache_bytes(cfg, seq_len, batch_size, bytes_per_element(precision))
+    return matmul_weight_bytes(cfg, precision, weights) + kv
 
 
 def attention_memory(

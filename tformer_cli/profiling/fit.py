@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from models.config import ModelConfig
@@ -28,14 +29,19 @@ def largest(fits: Callable[[int], bool], cap: int) -> int:
 
 
 def will_it_fit(
-    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, free_bytes: int | None
+    cfg: ModelConfig,
+    seq_len: int,
+    batch_size: int,
+    precision: str,
+    free_bytes: int | None,
+    weights: str = "none",
 ) -> dict[str, Any]:
     """Training and inference needs at (B, T), and the largest B (at T) and T (at B) within the
-    budget."""
+    budget; weights is the inference weights' form (analytic.inference_memory)."""
     report: dict[str, Any] = {"free_bytes": free_bytes, "headroom": HEADROOM, "budget_bytes": None}
     needs = {
         "train": lambda b, t: training_memory(cfg, t, b, precision)["total"],
-        "inference": lambda b, t: inference_memory(cfg, t, b, precision)["total"],
+        "inference": lambda b, t: inference_memory(cfg, t, b, precision, weights)["total"],
     }
     budget = int(free_bytes * HEADROOM) if free_bytes else None
     report["budget_bytes"] = budget
@@ -73,6 +79,7 @@ def require_fit(
     job is "train" or "inference"; flag names the option to lower in the message (e.g.
     "--batch-size 100000000"). Where free memory cannot be read, nothing is refused.
     """
+    from tformer_cli.device import inference_weights
     from tformer_cli.errors import TformerError
     from tformer_cli.profiling.memory import available_memory
 
@@ -80,7 +87,11 @@ def require_fit(
     if not free:
         return
     budget = int(free * HEADROOM)
-    need = training_memory if job == "train" else inference_memory
+    if job == "train":
+        need = training_memory
+    else:  # as the model will run: bf16 may mean packed weights around fp32 activations
+        weights = inference_weights(device, precision)
+        need = partial(inference_memory, weights=weights)
     needed = need(cfg, seq_len, batch_size, precision)["total"]
     if needed <= budget:
         return

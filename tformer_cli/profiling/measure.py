@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from models import Transformer, math_attention
 from models.attention import ATTENTION_IMPLS
 from models.config import ModelConfig
-from tformer_cli.device import DTYPES, matmul_peak_flops, sync
+from tformer_cli.device import DTYPES, matmul_peak_flops, ready_for_inference, sync
 from tformer_cli.profiling.memory import PeakMemory
 from tformer_cli.training.loss import lm_loss
 from tformer_cli.training.optim import build_optimizer
@@ -97,6 +97,7 @@ class Bench:
     device: torch.device
     precision: str
     effort: Effort
+    quantize: str = "none"  # inference only: --quantize's scheme
 
     def at(self, seq_len: int) -> Bench:
         """The same setting at another context length."""
@@ -192,9 +193,10 @@ def measure_inference(bench: Bench) -> dict[str, Any]:
     """Prefill, cached decoding and uncached decoding at context length T, as `tformer generate`
     runs them.
 
-    Weights are cast to the precision and fused for decoding (prepare_for_inference). A cached
-    step writes the last cache slots and reads all T; an uncached step runs the model over the
-    whole T-token context to get one new token per row (what --no-cache does).
+    The model is made ready as `tformer generate` makes it (ready_for_inference: quantized,
+    packed or cast to the precision, fused for decoding). A cached step writes the last cache
+    slots and reads all T; an uncached step runs the model over the whole T-token context to get
+    one new token per row (what --no-cache does).
     """
     with PeakMemory(bench.device) as mem:
         prefill_times, no_cache_times, decode_times, fused = _time_inference(bench, mem)
@@ -225,7 +227,7 @@ def _time_inference(
     bench: Bench, mem: PeakMemory
 ) -> tuple[list[float], list[float], list[float], bool]:
     device, effort, T = bench.device, bench.effort, bench.seq_len
-    model = bench.build().to(device=device, dtype=DTYPES[bench.precision]).prepare_for_inference()
+    model = ready_for_inference(bench.build(), device, bench.precision, bench.quantize)
     cache = model.new_cache(bench.batch_size, T)
     idx = bench.tokens()
 

@@ -255,6 +255,44 @@ def attention_table(r: dict[str, Any]) -> Table | None:
     )
 
 
+def quantization_table(r: dict[str, Any]) -> Table | None:
+    """3c. The quantized weights next to fp32 (None without --quantize)."""
+    qz = r.get("quantization")
+    if not qz:
+        return None
+    scheme = qz["scheme"]
+    rows = [
+        (
+            "weights read per token",
+            human_bytes(qz["fp32_weight_bytes_per_token"]),
+            human_bytes(qz["weight_bytes_per_token"]),
+            f"{qz['bytes_ratio']:.2f}x",
+        )
+    ]
+    if qz["decode_speedup"]:
+        fp32, ours = qz["fp32_decode_tokens_per_s"], qz["decode_tokens_per_s"]
+        speedup = f"{qz['decode_speedup']:.2f}x"
+        rows.append(("decode", f"{fp32:,.1f} tokens/s", f"{ours:,.1f} tokens/s", speedup))
+    quality, caption = qz["quality"], "quality not measured (--no-measure)"
+    if quality:
+        change = f"{100 * quality['loss_change']:+.2f}%"
+        rows += [
+            ("loss", f"{quality['loss_fp32']:.4f}", f"{quality[f'loss_{scheme}']:.4f}", change),
+            ("same top-1 token", "", _pct(quality["top1_agreement"]), ""),
+            ("KL(fp32 || int8)", "", f"{quality['kl_nats_per_token']:.5f} nats/token", ""),
+        ]
+        caption = (
+            f"quality on {quality['text']}: {quality['tokens']:,} next-token predictions "
+            f"(a uniform guess scores a loss of {quality['uniform_loss']:.2f})"
+        )
+    return _table(
+        f"3c. {scheme} weights next to fp32",
+        ("what", "fp32", scheme, "change"),
+        rows,
+        caption=caption,
+    )
+
+
 def fit_table(r: dict[str, Any]) -> Table:
     """4. Whether training and inference fit in free memory, and the largest B and T that do."""
     fit, T, B = r["fit"], r["seq_len"], r["batch_size"]
@@ -358,6 +396,7 @@ def render(r: dict[str, Any]) -> Group:
         memory_table(r),
         measured_table(r),
         attention_table(r),
+        quantization_table(r),
         fit_table(r),
         scaling_table(r),
         scaling_chart(r),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -11,10 +12,11 @@ from models.attention import ATTENTION_IMPLS
 from models.config import ModelConfig
 from models.flops import matmul_params
 from tformer_cli import __version__
-from tformer_cli.device import cpu_has_fast_bf16
+from tformer_cli.device import cpu_has_fast_bf16, inference_weights
 from tformer_cli.profiling import analytic, measure
 from tformer_cli.profiling.fit import HEADROOM, will_it_fit
 from tformer_cli.profiling.memory import available_memory, device_name
+from tformer_cli.profiling.quantized import quantization_quality
 from tformer_cli.profiling.source import ModelSource
 from tformer_cli.units import human_bytes
 
@@ -105,9 +107,11 @@ class _Runner:
 
 
 def analytic_figures(
-    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str
+    cfg: ModelConfig, seq_len: int, batch_size: int, precision: str, weights: str = "none"
 ) -> dict[str, Any]:
-    """Everything the config alone says about cost at (B, T): parameters, FLOPs, memory."""
+    """Everything the config alone says about cost at (B, T): parameters, FLOPs, memory (the
+    inference figures with the matmul weights in the form weights names, see
+    analytic.inference_memory)."""
     b = analytic.bytes_per_element(precision)
     counts = cfg.param_counts()
     split = analytic.flop_split(cfg, seq_len)
@@ -139,9 +143,9 @@ def analytic_figures(
         "kv_cache_bytes_per_token": kv // tokens,
         "train_memory": analytic.training_memory(cfg, seq_len, batch_size, precision),
         "train_memory_math": analytic.training_memory(cfg, seq_len, batch_size, precision, "math"),
-        "inference_memory": analytic.inference_memory(cfg, seq_len, batch_size, precision),
+        "inference_memory": analytic.inference_memory(cfg, seq_len, batch_size, precision, weights),
         "decode_bytes_per_step": analytic.decode_bytes_per_step(
-            cfg, seq_len, batch_size, precision
+            cfg, seq_len, batch_size, precision, weights
         ),
     }
 
@@ -155,13 +159,16 @@ def profile(
     quick: bool = False,
     run_measurements: bool = True,
     on_progress: Callable[[str], None] = _noop,
+    quantize: str = "none",
 ) -> dict[str, Any]:
-    """Profile source's model at each context length (measured in full at the largest) on device."""
+    """Profile source's model at each context length (measured in full at the largest) on device;
+    inference with the weights quantized by quantize, and then side by side with fp32."""
     cfg = source.config
     seq_lens = sorted(set(seq_lens))
     T = seq_lens[-1]
     effort = measure.QUICK if quick else measure.FULL
     free = available_memory(device)
+    weights = inference_weights(device, precision, quantize)
     report: dict[str, Any] = {
         "tformer_version": __version__,
         "model": {"source": source.kind, "label": source.label, "config": cfg.to_dict()},
@@ -171,23 +178,27 @@ def profile(
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "precision": precision,
+        **({"quantize": quantize} if quantize != "none" else {}),
         "bytes_per_element": analytic.bytes_per_element(precision),
         "batch_size": batch_size,
         "seq_len": T,
         "seq_lens": seq_lens,
         "quick": quick,
-        **analytic_figures(cfg, T, batch_size, precision),
+        **analytic_figures(cfg, T, batch_size, precision, weights),
         "checkpoint_params": source.checkpoint_params,
         "free_memory_bytes": free,
-        "fit": will_it_fit(cfg, T, batch_size, precision, free),
+        "fit": will_it_fit(cfg, T, batch_size, precision, free, weights),
     }
     notes: list[str] = []
     runner = _Runner(device, effort, TIME_CAP_S["quick" if quick else "full"], on_progress)
     measured: dict[str, Any] = {}
     if run_measurements:
-        measured = _measure(source, seq_lens, batch_size, device, precision, effort, runner, notes)
+        where = (device, precision, quantize)
+        measured = _measure(source, seq_lens, batch_size, where, effort, runner, notes)
     report.update(_headline(report, measured))
     report["measured"] = measured
+    if quantize != "none":
+        report["quantization"] = _quantization(report, source, quantize, run_measurements)
     report["scaling"] = _scaling(cfg, seq_lens, batch_size, precision, measured)
     report["skipped"] = runner.skipped
     report["notes"] = notes
@@ -198,15 +209,16 @@ def _measure(
     source: ModelSource,
     seq_lens: list[int],
     batch_size: int,
-    device: torch.device,
-    precision: str,
+    where: tuple[torch.device, str, str],
     effort: measure.Effort,
     runner: _Runner,
     notes: list[str],
 ) -> dict[str, Any]:
     """Every measurement that fits: the device's peak and bandwidth, training at each T, and
-    inference and attention at the headline T."""
+    inference (quantized, and then in fp32 too) and attention at the headline T; where is the
+    device, the precision and the quantize scheme."""
     cfg, T = source.config, seq_lens[-1]
+    device, precision, quantize = where
     if device.type == "cpu" and precision != "fp32" and not cpu_has_fast_bf16():
         notes.append(
             f"this CPU has no bf16 matrix units (AVX512-BF16/AMX): {precision} runs far slower "
@@ -222,7 +234,9 @@ def _measure(
     out = _device_figures(bench, runner)
     out["train"] = _measure_training(bench, runner, runnable, notes)
     if T in runnable:
-        out["inference"] = _measure_inference(bench, runner)
+        out["inference"] = _measure_inference(replace(bench, quantize=quantize), runner)
+        if quantize != "none":
+            out["inference_fp32"] = _measure_inference(replace(bench, precision="fp32"), runner)
         out["attention"] = _measure_attention(bench, runner)
     done = [r for r in (*out["train"].values(), out["inference"]) if r]
     out["memory_method"] = done[0]["memory_method"] if done else None
@@ -325,6 +339,31 @@ def _measure_attention(bench: measure.Bench, runner: _Runner) -> dict[str, Any]:
             lambda impl=impl: measure.measure_attention(bench, impl),
         )
     return out
+
+
+def _quantization(
+    report: dict[str, Any], source: ModelSource, scheme: str, run_measurements: bool
+) -> dict[str, Any]:
+    """The quantized model next to fp32: weight bytes a decoded token reads, measured decoding,
+    and quality (profiling/quantized.py; None with --no-measure)."""
+    cfg = source.config
+    ours, fp32 = (analytic.matmul_weight_bytes(cfg, "fp32", w) for w in (scheme, "none"))
+    measured = report["measured"]
+    speeds = [
+        (measured.get(k) or {}).get("decode_tokens_per_s") for k in ("inference_fp32", "inference")
+    ]
+    return {
+        "scheme": scheme,
+        "weight_bytes_per_token": ours,
+        "fp32_weight_bytes_per_token": fp32,
+        "bytes_ratio": ours / fp32,
+        "decode_tokens_per_s": speeds[1],
+        "fp32_decode_tokens_per_s": speeds[0],
+        "decode_speedup": speeds[1] / speeds[0] if all(speeds) else None,
+        "quality": quantization_quality(source, scheme, report["seq_len"])
+        if run_measurements
+        else None,
+    }
 
 
 def _headline(report: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def run_loop(ctx: RunContext, spec: LoopSpec) -> dict[str, Any]:
         restore_rng(rng)  # last, so nothing above shifts the dropout stream
     t.model.train()
     budget.start(cfg.eval_batches, sampling=ctx.sampler is not None)
-    metrics = MetricsLog(ctx.run_dir / METRICS_FILE if dist.is_main else None, budget.started)
+    path = ctx.run_dir / METRICS_FILE if dist.is_main else None
+    metrics = MetricsLog(path, budget.started, budget.clock, state.train_seconds)
     start_step, last_eval, interrupted = state.step, None, False
     tokens_per_step = cfg.batch_size * spec.seq_len
     sample_every = cfg.eval_every if cfg.sample_every is None else cfg.sample_every

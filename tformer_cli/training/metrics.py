@@ -20,12 +20,23 @@ from tformer_cli.training.distributed import DistInfo
 
 class MetricsLog:
     """The metrics file (rank 0 writes it; path None elsewhere) and the running sums between
-    two logged steps: their mean loss and token rate make the next step record."""
+    two logged steps: their mean loss and token rate make the next step record.
 
-    def __init__(self, path: Path | None, since: float):
+    With a clock, every record gets "elapsed": the seconds of training so far, those of the
+    sessions before a resume (offset) included, so loss curves can be drawn against wall time.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        since: float,
+        clock: Callable[[], float] | None = None,
+        offset: float = 0.0,
+    ):
         self.file = open(path, "a", encoding="utf-8") if path is not None else None
         self.since = since  # when the current interval began
         self.tokens, self.loss_sum, self.count = 0, 0.0, 0
+        self.clock, self.started, self.offset = clock, since, offset
 
     def add(self, loss: float, tokens: int) -> None:
         """Count one step into the current interval."""
@@ -57,6 +68,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         """Append one record, flushed, so a crash loses at most the line being written."""
         if self.file:
+            if self.clock is not None:
+                record = {**record, "elapsed": self.offset + self.clock() - self.started}
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 

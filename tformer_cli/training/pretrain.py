@@ -66,7 +66,7 @@ def train(
             model_cfg = cfg.model_config(tok.vocab_size)
             if resume:
                 check_model_matches(ctx.run_dir, model_cfg)
-            spec = pretraining_spec(cfg, model_cfg, tok, data)
+            spec = pretraining_spec(cfg, model_cfg, tok, data, corpus)
             ctx.prepare_run_dir(ctx.run_dir / STAGED_TOKENIZER)
             return run_loop(ctx, spec)
         finally:
@@ -187,9 +187,14 @@ def check_model_matches(run_dir: Path, model_cfg: ModelConfig) -> None:
 
 
 def pretraining_spec(
-    cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, data: TokenData
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    tok: Tokenizer,
+    data: TokenData,
+    corpus: list[Path] | None = None,
 ) -> LoopSpec:
-    """Random windows of the token file, a fresh model, full weights saved."""
+    """Random windows of the token file, a fresh model, full weights saved; config.json records
+    the corpus files (corpus_info) when they are given."""
     seq_len = cfg.context(model_cfg)
     train_tokens, val_tokens = data.load("train"), data.load("val")
     for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
@@ -208,10 +213,25 @@ def pretraining_spec(
         save_weights=lambda weights, directory, extra: save_state(
             weights, model_cfg, directory, extra
         ),
-        info={"tokenizer_sha256": tok.sha256},
+        info={
+            "tokenizer_sha256": tok.sha256,
+            **({"data": corpus_info(corpus, data, cfg.val_fraction)} if corpus else {}),
+        },
         tokenizer=tok,
         bytes_per_token=data.val_bytes / max(1, data.val_tokens),
     )
+
+
+def corpus_info(corpus: list[Path], data: TokenData, val_fraction: float) -> dict[str, Any]:
+    """What config.json records of the corpus ("data"): each file's absolute path and size, their
+    hash and the validation fraction, so `tformer eval` can find and check the held-out text."""
+    return {
+        "files": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in corpus],
+        "corpus_sha256": data.corpus_sha256,
+        "val_fraction": val_fraction,
+        "val_bytes": data.val_bytes,
+        "val_tokens": data.val_tokens,
+    }
 
 
 def _bytes(files: list[Path]) -> int:
