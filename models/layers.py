@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.fused import linears
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +29,33 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout (Srivastava et al. 2014): zero each element with probability p and scale
+    the rest by 1 / (1 - p).
+
+    On a CPU the mask is drawn as uniform floats compared with p: torch's own dropout draws it
+    with bernoulli_, which took 2.5x as long and, with attention dropout, a third of a training
+    step. Elsewhere it is torch's fused kernel.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p)
+    keep = torch.rand(x.shape, device=x.device) >= p
+    return torch.where(keep, x / (1.0 - p), 0.0)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout through dropout() above."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 # -- positions --------------------------------------------------------------------------------
@@ -75,10 +103,11 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)  # down
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        gate, up = linears(x, (self.w1, self.w3), self)  # one matmul in training
+        return self.dropout(linears(F.silu(gate) * up, (self.w2,), self)[0])
 
 
 class GeluMLP(nn.Module):
@@ -88,10 +117,11 @@ class GeluMLP(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)  # down
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.gelu(self.w1(x), approximate="tanh")))
+        (up,) = linears(x, (self.w1,), self)
+        return self.dropout(linears(F.gelu(up, approximate="tanh"), (self.w2,), self)[0])
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:

@@ -16,7 +16,8 @@ from models.attention import ATTENTION_IMPLS, CausalSelfAttention
 from models.cache import KVCache
 from models.config import ModelConfig
 from models.decode import DecodeStep
-from models.layers import make_mlp, make_norm, rope_tables, sinusoidal_table
+from models.fused import linears
+from models.layers import Dropout, make_mlp, make_norm, rope_tables, sinusoidal_table
 from models.quantize import Bf16Linear, Int8Linear
 
 # Devices where prepare_for_inference(compile=True) compiles the fused one-token step too.
@@ -32,7 +33,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, is_causal, cache=None, layer=0, start=0):
         """x (B, T, d) -> (B, T, d); the arguments after x as CausalSelfAttention takes them."""
@@ -59,7 +60,7 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -183,7 +184,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, **context) -> Tensor:
         """Logits (B, T, vocab_size) for tokens idx (B, T); context as for hidden()."""
-        return self.head(self.hidden(idx, **context))
+        return linears(self.hidden(idx, **context), (self.head,), self)[0]
 
     # -- generation ----------------------------------------------------------------------------
 

@@ -102,6 +102,15 @@ class Reporter:
             "tokens"
         )
 
+    def on_auto(self, d):
+        shape = ", ".join(f"{k} {v}" for k, v in d["model"].items())
+        self.console.print(
+            f"--preset auto: {d['rung']} ({shape}; lr {d['lr']:g}, batch {d['batch_size']}): "
+            f"{d['why']}",
+            markup=False,
+            highlight=False,
+        )
+
     def on_resumed(self, d):
         self.console.print(f"resuming from step {d['step']}")
 

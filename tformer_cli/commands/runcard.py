@@ -36,13 +36,17 @@ def run_card_rows(card: dict[str, Any]) -> list[tuple[str, str]]:
     best = f"{_num(card['best_val_loss'])}{_bpb(card['best_val_bpb'])}"
     mfu = card.get("mfu")
     peak = card.get("matmul_peak_flops")
+    auto = card.get("auto")
+    chosen = [("chosen by", f"--preset auto: {auto['why']}")] if auto else []
     return [
         ("model", f"{card['preset']}: {shape}"),
+        *chosen,
         ("parameters", f"{card['params']:,}"),
         (
             "device",
             f"{card['device']} {card['precision']}"
-            + (f" x{card['world_size']}" if card["world_size"] > 1 else ""),
+            + (f" x{card['world_size']}" if card["world_size"] > 1 else "")
+            + (f", {card['attention']} attention" if card.get("attention") else ""),
         ),
         (
             "steps",

@@ -43,7 +43,8 @@ def train(
     ),
     preset: str = _unset(
         "--preset",
-        "Model shape: nano, micro (default), tiny, small, small-gqa, gpt2.",
+        "Model shape: nano, micro (the default without --time), tiny, small, small-gqa, gpt2, "
+        "or auto (the default with --time: the shape, lr and batch the budget buys here).",
         metavar="NAME",
     ),
     config: Path = _unset(

@@ -124,14 +124,18 @@ def layer_activation_bytes(
     low = precision != "fp32"
     act = 2 if low else FP32
     q_dim, kv_dim, H = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_heads
-    qkv_linears = 3
+    # Under autocast training stacks q|k|v (and SwiGLU's gate|up) into one matmul
+    # (models/fused.py), fed by one low-precision copy of the norm's output.
+    qkv_linears = 1 if low else 3
     total = _norm_bytes(cfg, qkv_linears, low) + _norm_bytes(
-        cfg, 2 if cfg.mlp == "swiglu" else 1, low
+        cfg, 2 if cfg.mlp == "swiglu" and not low else 1, low
     )
     if attention == "sdpa":
         total += (
             act * (2 * q_dim + 2 * kv_dim) + FP32 * H
         )  # q, k, v, output, and the row log-sum-exp
+        if low and cfg.pos == "rope":
+            total += act * (q_dim + kv_dim)  # v, a view of the stacked q|k|v, keeps it whole
     else:
         # q, k and v repeated to all heads, the output's contiguous copy, and the fp32
         # probabilities (plus their low-precision copy)

@@ -13,6 +13,8 @@ from typing import Any
 
 from models import ConfigError, ModelConfig, get_preset
 from tformer_cli.errors import TformerError, decode_utf8, parse_json
+from tformer_cli.training.auto import AUTO
+from tformer_cli.training.auto import BASE_PRESET as AUTO_BASE_PRESET
 from tformer_cli.units import human_bytes
 
 # The model `tformer train` builds when no --preset (or --config preset) is given; `tformer profile`
@@ -52,6 +54,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int | None = None  # None: at every eval; 0: never
     val_fraction: float = 0.1
+    auto: dict[str, Any] | None = None  # what --preset auto chose, and why (training/auto.py)
 
     def validate(self) -> None:
         """Raise a TformerError naming the first setting that is out of range."""
@@ -107,9 +110,13 @@ class TrainConfig:
             raise TformerError("--time must be a positive duration such as 90s, 10m or 1h")
         if not 0 < self.val_fraction < 0.5:
             raise TformerError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        self.model_config(
-            vocab_size=256
-        )  # an unknown preset or a bad [model] field fails before any work
+        if self.preset == AUTO and self.time is None:
+            raise TformerError(
+                "--preset auto sizes the model to a time budget: give --time (e.g. --time 10m) "
+                "or another preset"
+            )
+        # an unknown preset or a bad [model] field fails before any work
+        self.model_config(vocab_size=256)
         if self.batch_size % self.grad_accum:
             raise TformerError(
                 f"--batch-size {self.batch_size} must be a multiple of "
@@ -121,10 +128,11 @@ class TrainConfig:
         dropout."""
         overrides = dict(self.model)
         overrides["vocab_size"] = vocab_size
+        preset = AUTO_BASE_PRESET if self.preset == AUTO else self.preset  # checked as its base
         if self.dropout is not None:
             overrides["dropout"] = self.dropout
         try:
-            cfg = get_preset(self.preset, **overrides)
+            cfg = get_preset(preset, **overrides)
             if self.seq_len is not None and self.seq_len > cfg.max_seq_len:
                 cfg = cfg.replace(max_seq_len=self.seq_len)
         except ConfigError as e:
@@ -257,6 +265,8 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any]) -> Tra
         check_types(data, TrainConfig, f"{path}: [train]")
         check_types(data.get("model", {}), ModelConfig, f"{path}: [model]")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("time") is not None and "preset" not in data and not data.get("model"):
+        data["preset"] = AUTO  # a budget and no shape: the shape the budget buys
     cfg = TrainConfig(**data)
     cfg.validate()
     return cfg

@@ -7,6 +7,8 @@ pre-tokeniser will read it), the tokenizer, the model and its memory. Only then 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -18,10 +20,13 @@ from tformer_cli.data.batches import BatchSampler
 from tformer_cli.data.corpus import check_corpus_text, resolve_corpus
 from tformer_cli.data.pretokenize import TokenData, pretokenize_cached
 from tformer_cli.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from tformer_cli.device import matmul_peak_flops
 from tformer_cli.errors import TformerError
 from tformer_cli.runs.locate import DEFAULT_RUNS_DIR
 from tformer_cli.runs.rundir import STAGED_TOKENIZER, TOKENIZER_FILE
 from tformer_cli.runs.target import claim_run_dir, refuse_output_over_inputs
+from tformer_cli.training import auto
+from tformer_cli.training.auto import AUTO, AutoChoice, recorded_choice
 from tformer_cli.training.budget import TimeBudget
 from tformer_cli.training.config import TrainConfig, default_vocab_size
 from tformer_cli.training.context import (
@@ -63,6 +68,9 @@ def train(
             choose_run_dir(ctx, corpus, corpus_paths, run_dir, runs_root)
             tok = prepare_tokenizer(cfg, corpus, ctx.run_dir, resume, ctx.dist, ctx.on_event)
             data = prepare_data(corpus, tok, Path(cache_dir), cfg, ctx.dist, ctx.on_event)
+            if cfg.preset == AUTO:
+                cfg = ctx.cfg = resolve_auto(ctx, tok.vocab_size)
+                ctx.on_event("auto", cfg.auto)
             model_cfg = cfg.model_config(tok.vocab_size)
             if resume:
                 check_model_matches(ctx.run_dir, model_cfg)
@@ -72,6 +80,31 @@ def train(
         finally:
             if ctx.target is not None:
                 (ctx.target.path / STAGED_TOKENIZER).unlink(missing_ok=True)
+
+
+def resolve_auto(ctx: RunContext, vocab_size: int) -> TrainConfig:
+    """ctx.cfg with --preset auto replaced by the shape, learning rate and batch its --time buys
+    here (training/auto.py; a flag the user gave wins), or by those a resumed run recorded.
+
+    Rank 0 decides and the other ranks take its choice, so every process builds the same model.
+    """
+    cfg = ctx.cfg
+    choice = recorded_choice(ctx.run_dir) if ctx.resume and ctx.dist.is_main else None
+    if choice is None and ctx.dist.is_main:
+        choice = auto.choose(cfg.time, matmul_peak_flops(ctx.device, ctx.precision), vocab_size)
+    text = json.dumps(choice.to_dict()) if choice is not None else None
+    choice = AutoChoice(**json.loads(ctx.dist.broadcast_text(text, ctx.device)))
+    defaults = TrainConfig()
+    resolved = dataclasses.replace(
+        cfg,
+        preset=auto.BASE_PRESET,
+        model={**choice.model, **cfg.model},
+        lr=choice.lr if cfg.lr == defaults.lr else cfg.lr,
+        batch_size=choice.batch_size if cfg.batch_size == defaults.batch_size else cfg.batch_size,
+        auto=choice.to_dict(),
+    )
+    resolved.validate()
+    return resolved
 
 
 def choose_run_dir(

@@ -51,7 +51,8 @@ def build_run_card(
     return {
         "run_dir": str(run_dir),
         "tformer_version": __version__,
-        "preset": spec.label or cfg.preset,
+        "preset": spec.label or (cfg.auto["rung"] if cfg.auto else cfg.preset),
+        "auto": cfg.auto,  # what --preset auto chose and why, or None
         "params": spec.model_cfg.num_params(),
         "trainable_params": trainable_params,
         "model": spec.model_cfg.to_dict(),
@@ -59,6 +60,7 @@ def build_run_card(
         "batch_size": cfg.batch_size,
         "device": str(ctx.device),
         "precision": ctx.precision,
+        "attention": state.attention,
         "world_size": world,
         "steps": state.step,
         "total_steps": state.total_steps,

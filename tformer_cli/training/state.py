@@ -34,6 +34,7 @@ class RunState:
     best_step: int = -1
     last_saved_step: int = -1
     losses: list[float] = field(default_factory=list)  # one per log interval, for the sparkline
+    attention: str = ""  # the attention implementation trained with; "" until chosen
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON values (no best loss yet is null: JSON has no infinity)."""
@@ -45,6 +46,7 @@ class RunState:
     def from_json(cls, data: dict[str, Any]) -> RunState:
         """The state to_json wrote; fields it does not know are ignored."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        known.setdefault("attention", "sdpa")  # what every run trained with before it was recorded
         if known.get("best_val_loss") is None:
             known["best_val_loss"] = math.inf
         return cls(**known)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from models import ModelConfig
+from models.attention import training_attention
+from models.fused import release_weight_copies
 from tformer_cli.device import DTYPES
 from tformer_cli.errors import TformerError
 from tformer_cli.profiling.fit import require_fit
@@ -78,7 +80,10 @@ def build_trainable(
             fully_shard(block)
         fully_shard(raw)
     optimizer = build_optimizer(raw, cfg.lr, cfg.weight_decay, device)
+    # The bf16 copies of the weights (models/fused.py) are made again after every update.
+    optimizer.register_step_post_hook(lambda *_: release_weight_copies(raw))
     state, rng = load_checkpoint(ctx, raw, optimizer) if ctx.resume else (RunState(), None)
+    choose_attention(raw, state, device, spec.model_cfg)
     model: torch.nn.Module = raw
     if ctx.dist.enabled and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -88,6 +93,18 @@ def build_trainable(
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=ctx.precision == "fp16")
     return Trainable(raw, model, optimizer, scaler, _autocast(device, ctx.precision)), state, rng
+
+
+def choose_attention(
+    raw: torch.nn.Module, state: RunState, device: torch.device, model_cfg: ModelConfig
+) -> None:
+    """Train with the attention the run recorded, or (a new run) with the one the measured rule
+    picks (models.attention.training_attention), and record it. Every rank and every --resume
+    then draws the same dropout masks the same way."""
+    if not state.attention:
+        state.attention = training_attention(device.type, model_cfg.dropout)
+    if hasattr(raw, "set_attention"):
+        raw.set_attention(state.attention)
 
 
 def _autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[Any]]:
