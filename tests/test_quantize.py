@@ -17,11 +17,12 @@ from helpers_run import shared_tokenizer
 from models import Transformer, get_preset, save_model
 from models.quantize import Bf16Linear, Int8Linear, packed_bf16_available, quantize_model
 from tformer_cli.data.tokenizer import load_tokenizer
-from tformer_cli.device import cpu_has_fast_bf16
+from tformer_cli.device import PACKED_BF16_MIN_PARAMS, cpu_has_fast_bf16
 from tformer_cli.errors import TformerError
-from tformer_cli.inference.load import check_quantize, load_for_inference
+from tformer_cli.inference.load import check_quantize, load_for_inference, model_precision
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.inference.text import generate
+from tformer_cli.runs.rundir import read_model_config
 
 GREEDY = SamplingConfig(temperature=0)
 CPU = torch.device("cpu")
@@ -208,6 +209,20 @@ def test_bf16_on_a_cpu_with_bf16_hardware_loads_packed(trained):
 def test_fp32_is_not_packed(trained):
     model = load_for_inference(trained[0], CPU, "fp32").model
     assert type(model.head) is torch.nn.Linear and model.fused_decoding
+
+
+def test_auto_keeps_small_models_fp32_and_packs_large_ones_where_bf16_pays(trained, monkeypatch):
+    """--precision auto for inference is bf16 only where packed bf16 is faster: a CPU with bf16
+    hardware and a model of PACKED_BF16_MIN_PARAMS or more; explicit flags are kept."""
+    small = trained[0]
+    assert model_precision("auto", CPU, "fp32", small) == "fp32"
+    assert model_precision("bf16", CPU, "bf16", small) == "bf16"  # asked for: kept
+    monkeypatch.setattr("tformer_cli.device.auto_precision", lambda device, job: ("bf16", ""))
+    assert model_precision("auto", CPU, "bf16", small) == "fp32"  # too small to pay
+    large = read_model_config(small).replace(dim=512, n_layers=2, hidden_dim=4096)
+    assert large.num_params() >= PACKED_BF16_MIN_PARAMS
+    monkeypatch.setattr("tformer_cli.inference.load.read_model_config", lambda path: large)
+    assert model_precision("auto", CPU, "bf16", small) == "bf16"
 
 
 # -- the commands ------------------------------------------------------------------------------

@@ -98,6 +98,18 @@ def ready_for_inference(
 
 
 JOBS = ("train", "inference")
+# Below this many parameters a model's weights sit in cache and decoding is bound by per-op
+# overhead: packed bf16 decoded slower than fp32 there (`micro` 139 vs 245 tokens/s, `tiny`
+# even, `small` at vocab 4096, 7.2M parameters, 1.25x faster), so auto keeps such models fp32.
+PACKED_BF16_MIN_PARAMS = 6_000_000
+
+
+def auto_precision_for_model(device: torch.device, params: int) -> str:
+    """What auto picks for inference of a model of this many parameters on device."""
+    picked = auto_precision(device, "inference")[0]
+    if picked == "bf16" and device.type == "cpu" and params < PACKED_BF16_MIN_PARAMS:
+        return "fp32"
+    return picked
 
 
 def auto_precision(device: torch.device, job: str) -> tuple[str, str]:
@@ -109,7 +121,8 @@ def auto_precision(device: torch.device, job: str) -> tuple[str, str]:
     - CPU, training: bf16 autocast where the CPU multiplies bf16 in hardware (AVX512-BF16 or
       AMX; measured 1.45x the fp32 step on `small`), else fp32.
     - CPU, inference: bf16 where the CPU multiplies bf16 in hardware and torch has oneDNN's
-      packed linear (packs_bf16): packed bf16 weights with fp32 activations decoded `small` 1.5x
+      packed linear (packs_bf16), for models of PACKED_BF16_MIN_PARAMS or more (see
+      auto_precision_for_model): packed bf16 weights with fp32 activations decoded `small` 1.5x
       and `gpt2` 2.2x faster than fp32 at batch 1, and 2-4x at batch 8, on an AVX512-BF16 CPU
       (benchmarks/decode_vs_llamacpp.py). Else fp32: a model cast to bf16 decodes no faster
       than fp32 (conversions and small ops), and without bf16 hardware far slower.
@@ -133,7 +146,8 @@ def auto_precision(device: torch.device, job: str) -> tuple[str, str]:
         return (
             "bf16",
             "this CPU multiplies bf16 in hardware (AVX512-BF16/AMX): packed bf16 weights with "
-            "fp32 activations decode 1.5-2.2x faster than fp32",
+            "fp32 activations decode 1.5-2.2x faster than fp32 (models of "
+            f"{PACKED_BF16_MIN_PARAMS // 1_000_000}M+ parameters; smaller ones stay fp32)",
         )
     if device.type == "cpu":
         return "fp32", "this CPU has no bf16 matrix instructions: fp32 decodes fastest"

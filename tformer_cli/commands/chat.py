@@ -15,7 +15,12 @@ from tformer_cli.commands.console import check_text, pick_model, require_stdin, 
 from tformer_cli.commands.options import check_max_new_tokens, check_seed
 from tformer_cli.errors import TformerError
 from tformer_cli.inference.chat import ChatSession, read_transcript
-from tformer_cli.inference.load import check_quantize, inference_target, load_for_inference
+from tformer_cli.inference.load import (
+    check_quantize,
+    inference_target,
+    load_for_inference,
+    model_precision,
+)
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.runs.rundir import Run
 
@@ -346,6 +351,7 @@ def chat(
     dev, prec = inference_target(device, precision, quantize)
     check_quantize(quantize, dev, compile_model)
     path = pick_model(model_dir, err)
+    prec = model_precision(precision, dev, prec, path)
     run = load_for_inference(path, dev, prec, compile_model, quantize=quantize)
     mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
     session = ChatSession(run.model, run.tokenizer, mode, sampling, max_new_tokens, system, seed)

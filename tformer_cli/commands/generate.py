@@ -15,7 +15,12 @@ from tformer_cli.commands.console import check_text, pick_model, require_stdin, 
 from tformer_cli.commands.options import check_max_new_tokens, check_seed
 from tformer_cli.errors import TformerError
 from tformer_cli.inference.engine import GenerationStats
-from tformer_cli.inference.load import check_quantize, inference_target, load_for_inference
+from tformer_cli.inference.load import (
+    check_quantize,
+    inference_target,
+    load_for_inference,
+    model_precision,
+)
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.inference.text import Completion
 from tformer_cli.inference.text import generate as run_generation
@@ -122,6 +127,7 @@ def generate(
     dev, prec = inference_target(device, precision, quantize)
     check_quantize(quantize, dev, compile_model)
     path = pick_model(model_dir, err)
+    prec = model_precision(precision, dev, prec, path)
     texts = texts or [_read_stdin(err)]
     _require_fit(path, texts, num_samples, max_new_tokens, dev, prec)
     run = load_for_inference(path, dev, prec, compile_model, quantize=quantize)

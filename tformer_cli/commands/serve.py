@@ -18,7 +18,12 @@ from tformer_cli.commands.console import pick_model
 from tformer_cli.commands.options import MAX_NEW_TOKENS
 from tformer_cli.errors import TformerError
 from tformer_cli.inference.chat import chat_mode
-from tformer_cli.inference.load import check_quantize, inference_target, load_for_inference
+from tformer_cli.inference.load import (
+    check_quantize,
+    inference_target,
+    load_for_inference,
+    model_precision,
+)
 from tformer_cli.profiling.fit import require_fit
 from tformer_cli.runs.locate import resolve_model_path
 from tformer_cli.runs.rundir import read_model_config
@@ -142,17 +147,18 @@ def serve(
     serving = _serve_package()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     paths = _model_paths(model_dirs, err)
-    dev, prec = inference_target(device, precision)
+    dev, flag_prec = inference_target(device, precision, quantize)
     check_quantize(quantize, dev)
+    precs = {path: model_precision(precision, dev, flag_prec, path) for path in paths}
     for path in paths:  # each model holds a cache of max-batch rows x its window
         cfg = read_model_config(path)
         flag = f"--max-batch {max_batch}"
-        require_fit("inference", cfg, cfg.max_seq_len, max_batch, prec, dev, flag)
+        require_fit("inference", cfg, cfg.max_seq_len, max_batch, precs[path], dev, flag)
     sock = serving.bind(host, port)  # before the models load: a busy port is said at once
-    where = f"{dev} {prec}" + (f" {quantize}" if quantize != "none" else "")
     served = []
     for name, path in zip(serving.model_names(paths), paths, strict=True):
-        run = load_for_inference(path, dev, prec, compile_model, quantize=quantize)
+        where = f"{dev} {precs[path]}" + (f" {quantize}" if quantize != "none" else "")
+        run = load_for_inference(path, dev, precs[path], compile_model, quantize=quantize)
         mode = chat_mode(run.info, run.tokenizer)
         served.append(serving.ServedModel(name, run, mode, serving.created_time(path)))
         err.print(_model_line(served[-1], where))

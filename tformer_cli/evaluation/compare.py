@@ -25,7 +25,12 @@ from tformer_cli.evaluation.scoring import (
     warm_up,
 )
 from tformer_cli.evaluation.texts import NoHeldOutText, Text, held_out_text
-from tformer_cli.inference.load import check_quantize, inference_target, load_for_inference
+from tformer_cli.inference.load import (
+    check_quantize,
+    inference_target,
+    load_for_inference,
+    model_precision,
+)
 from tformer_cli.runs.catalog import run_kind, seq_len_of
 from tformer_cli.runs.rundir import Run
 
@@ -126,7 +131,8 @@ def evaluate(
     texts = texts_for(models, data, on_event)
     rows = []
     for model in (m for m in models if m.label in texts):
-        for scheme, (device, precision) in targets.items():
+        for scheme, (device, picked) in targets.items():
+            precision = model_precision(settings.precision, device, picked, model.path)
             run = load_for_inference(model.path, device, precision, quantize=scheme)
             shape = plan(run, model, settings)
             warm_up(run.model, shape[0], device)

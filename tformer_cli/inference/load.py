@@ -9,6 +9,7 @@ import torch
 
 from models.quantize import SCHEMES, int8_available
 from tformer_cli.device import (
+    auto_precision_for_model,
     inference_weights,
     load_dtype,
     ready_for_inference,
@@ -16,7 +17,7 @@ from tformer_cli.device import (
     resolve_precision,
 )
 from tformer_cli.errors import TformerError
-from tformer_cli.runs.rundir import Run, load_run
+from tformer_cli.runs.rundir import Run, load_run, read_model_config
 
 
 def inference_target(
@@ -37,6 +38,14 @@ def inference_target(
             f"drop --precision {precision} (or use --precision fp32)"
         )
     return dev, "fp32"
+
+
+def model_precision(flag: str, device: torch.device, precision: str, model_dir: Path) -> str:
+    """precision, or for --precision auto the pick for this model's size (small models decode
+    faster in fp32 than with packed bf16 weights: device.auto_precision_for_model)."""
+    if flag != "auto" or precision == "fp32":
+        return precision
+    return auto_precision_for_model(device, read_model_config(model_dir).num_params())
 
 
 def check_quantize(scheme: str, device: torch.device, compile: bool = False) -> str:
