@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from corpora import benchmark_corpus
 from rich.console import Console
 from rich.table import Table
 
@@ -50,9 +51,8 @@ from tformer_cli.device import packs_bf16, ready_for_inference
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.inference.text import generate
 from tformer_cli.profiling.analytic import matmul_weight_bytes
+from tformer_cli.profiling.memory import device_name
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 GREEDY = SamplingConfig(temperature=0)
 PREFILL = 512
 
@@ -235,28 +235,6 @@ def export(run: Path, kind: str) -> Path:
     return out
 
 
-def corpus(directory: Path) -> Path:
-    """Text for the tokenizer: tinyshakespeare when ../shared has it, else the Python docs."""
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE
-    from pydoc_data.topics import topics
-
-    path = directory / "corpus.txt"
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
-    return path
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def tformer_engines(model: Transformer, new_tokens: int) -> dict[str, tuple[Engine, list]]:
     """tformer in fp32, packed bf16 (where the CPU has bf16 hardware) and int8: each an Engine
     and its (decode, prefill, batch-8) functions."""
@@ -385,7 +363,9 @@ def main() -> None:
     bandwidth = read_bandwidth()
     results: dict[str, dict[str, Engine]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tok = train_tokenizer([corpus(Path(tmp))], Path(tmp) / "tok.model", vocab_size=1000).path
+        tok = train_tokenizer(
+            [benchmark_corpus(Path(tmp))], Path(tmp) / "tok.model", vocab_size=1000
+        ).path
         for preset in args.presets.split(","):
             run, model = make_run(preset, Path(tmp), tok)
             engines = tformer_engines(model, args.new_tokens)
@@ -395,7 +375,7 @@ def main() -> None:
             measure(engines, args.rounds, args.wait_idle)
             results[preset] = {k: e for k, (e, _) in engines.items()}
     table = Table(
-        title=f"decoding on {cpu_name()}, {threads} threads, read bandwidth "
+        title=f"decoding on {device_name(torch.device('cpu'))}, {threads} threads, read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s; medians of {args.rounds} interleaved rounds"
     )
     columns = ("model", "engine", "decode tok/s (B=1)", "vs llama.cpp", "bandwidth")

@@ -24,26 +24,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from corpora import benchmark_corpus
 from rich.console import Console
 from rich.table import Table
 
 from models import Transformer, get_preset, save_model
 from tformer_cli.data.tokenizer import train_tokenizer
 from tformer_cli.device import auto_precision, cpu_has_fast_bf16, resolve_device
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def corpus(directory: Path) -> Path:
-    """tinyshakespeare when ../shared has it, else the Python docs (as `make demo`)."""
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE
-    from pydoc_data.topics import topics
-
-    path = directory / "corpus.txt"
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
-    return path
 
 
 def tformer(*args: str) -> dict:
@@ -151,7 +138,7 @@ def main() -> None:
     console = Console(width=None if sys.stdout.isatty() else 120)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        text = corpus(work)
+        text = benchmark_corpus(work)
         tok = train_tokenizer([text], work / "tok.model", vocab_size=4096).path
         run = work / "run"
         torch.manual_seed(0)
