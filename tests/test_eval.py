@@ -205,7 +205,7 @@ def test_peak_memory_stays_bounded_on_a_text_far_larger_than_a_batch(tmp_path):
     run = make_run(tmp_path / "run", dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_seq_len=64)
     large = tmp_path / "large.txt"
     with open(large, "w", encoding="utf-8") as f:
-        for _ in range(8):  # 3.7 MB of text: 2M tokens against batches of 64 x 65
+        for _ in range(16):  # 7.4 MB of text: 4M tokens against batches of 64 x 65
             f.write(corpus_text())
     script = tmp_path / "peak.py"
     script.write_text(PEAK_SCRIPT)
@@ -215,10 +215,11 @@ def test_peak_memory_stays_bounded_on_a_text_far_larger_than_a_batch(tmp_path):
     got = json.loads(out.stdout)
     if got["method"] != "rss_hwm" or got["end"] is None:
         pytest.skip(f"no exact peak-RSS measurement here ({got['method']})")
-    assert got["tokens"] > 1_500_000
+    assert got["tokens"] > 3_000_000
     # Past the first quarter the peak hardly moves: holding the other three quarters' tokens
-    # would add over 11 MB as int64 (and several times that as a Python list).
-    assert got["end"] - got["quarter"] < 4 << 20, got
+    # would add over 22 MB as int64 (and several times that as a Python list); the allocator's
+    # own drift over a long run was up to 7 MB.
+    assert got["end"] - got["quarter"] < 12 << 20, got
     assert got["peak"] < 64 << 20, got  # the batch's logits and the allocator's slack
 
 
