@@ -55,6 +55,21 @@ def test_the_choice_grows_with_the_budget_and_keeps_enough_tokens_per_parameter(
     assert names.index(faster.rung) >= names.index(picked[2].rung)
 
 
+def test_dropout_only_when_the_budget_reads_the_text_many_times():
+    peak, budget = 200e9, 600.0
+    tokens = auto.budget_tokens(
+        next(r for r in auto.LADDER if r.name == auto.choose(budget, peak, VOCAB).rung),
+        budget,
+        peak,
+        VOCAB,
+    )
+    many = auto.choose(budget, peak, VOCAB, train_tokens=int(tokens / 10))  # 10 epochs
+    few = auto.choose(budget, peak, VOCAB, train_tokens=int(tokens / 2))  # 2 epochs
+    assert many.dropout == auto.DROPOUT and "dropout" in many.why
+    assert few.dropout == 0.0 and "dropout" not in few.why
+    assert auto.choose(budget, peak, VOCAB).dropout == 0.0  # corpus size unknown: none
+
+
 def _ctx(cfg: TrainConfig, run_dir, resume: bool) -> RunContext:
     return RunContext(
         cfg=cfg,
@@ -77,6 +92,10 @@ def test_resolving_applies_the_rung_but_a_given_flag_wins(tmp_path, monkeypatch)
     given = load_train_config(None, {"time": 90.0, "lr": 5e-4, "batch_size": 4})
     cfg = resolve_auto(_ctx(given, tmp_path, False), VOCAB)
     assert (cfg.lr, cfg.batch_size) == (5e-4, 4) and cfg.model == want.model
+    tiny_corpus = resolve_auto(_ctx(given, tmp_path, False), VOCAB, train_tokens=1000)
+    assert tiny_corpus.dropout == auto.DROPOUT == tiny_corpus.auto["dropout"]
+    given = load_train_config(None, {"time": 90.0, "dropout": 0.0})
+    assert resolve_auto(_ctx(given, tmp_path, False), VOCAB, train_tokens=1000).dropout == 0.0
 
 
 def test_a_run_records_the_choice_shows_it_and_resume_reuses_it(cli, tmp_path, monkeypatch):

@@ -69,7 +69,7 @@ def train(
             tok = prepare_tokenizer(cfg, corpus, ctx.run_dir, resume, ctx.dist, ctx.on_event)
             data = prepare_data(corpus, tok, Path(cache_dir), cfg, ctx.dist, ctx.on_event)
             if cfg.preset == AUTO:
-                cfg = ctx.cfg = resolve_auto(ctx, tok.vocab_size)
+                cfg = ctx.cfg = resolve_auto(ctx, tok.vocab_size, data.train_tokens)
                 ctx.on_event("auto", cfg.auto)
             model_cfg = cfg.model_config(tok.vocab_size)
             if resume:
@@ -82,7 +82,7 @@ def train(
                 (ctx.target.path / STAGED_TOKENIZER).unlink(missing_ok=True)
 
 
-def resolve_auto(ctx: RunContext, vocab_size: int) -> TrainConfig:
+def resolve_auto(ctx: RunContext, vocab_size: int, train_tokens: int | None = None) -> TrainConfig:
     """ctx.cfg with --preset auto replaced by the shape, learning rate and batch its --time buys
     here (training/auto.py; a flag the user gave wins), or by those a resumed run recorded.
 
@@ -91,7 +91,8 @@ def resolve_auto(ctx: RunContext, vocab_size: int) -> TrainConfig:
     cfg = ctx.cfg
     choice = recorded_choice(ctx.run_dir) if ctx.resume and ctx.dist.is_main else None
     if choice is None and ctx.dist.is_main:
-        choice = auto.choose(cfg.time, matmul_peak_flops(ctx.device, ctx.precision), vocab_size)
+        peak = matmul_peak_flops(ctx.device, ctx.precision)
+        choice = auto.choose(cfg.time, peak, vocab_size, train_tokens)
     text = json.dumps(choice.to_dict()) if choice is not None else None
     choice = AutoChoice(**json.loads(ctx.dist.broadcast_text(text, ctx.device)))
     defaults = TrainConfig()
@@ -101,6 +102,7 @@ def resolve_auto(ctx: RunContext, vocab_size: int) -> TrainConfig:
         model={**choice.model, **cfg.model},
         lr=choice.lr if cfg.lr == defaults.lr else cfg.lr,
         batch_size=choice.batch_size if cfg.batch_size == defaults.batch_size else cfg.batch_size,
+        dropout=choice.dropout if cfg.dropout is None else cfg.dropout,
         auto=choice.to_dict(),
     )
     resolved.validate()
