@@ -312,33 +312,9 @@ def test_a_chat_cache_is_reused_and_holds_the_context(loaded):
 
 
 def test_generate_prints_only_the_text_and_no_cache_matches(run, cli):
-    a = cli(
-        "generate",
-        "-m",
-        run,
-        "-p",
-        "First",
-        "-n",
-        "25",
-        "--temperature",
-        "0",
-        "--precision",
-        "fp32",
-    )
-    b = cli(
-        "generate",
-        "-m",
-        run,
-        "-p",
-        "First",
-        "-n",
-        "25",
-        "--temperature",
-        "0",
-        "--precision",
-        "fp32",
-        "--no-cache",
-    )
+    greedy = ("generate", "-m", run, "-p", "First", "-n", "25", "--temperature", "0")
+    a = cli(*greedy, "--precision", "fp32")
+    b = cli(*greedy, "--precision", "fp32", "--no-cache")
     assert a.exit_code == 0 and b.exit_code == 0
     assert a.stdout == b.stdout and a.stdout.strip()
     assert "tokens/s" in a.stderr and "tokens/s" not in a.stdout

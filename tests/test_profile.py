@@ -217,20 +217,22 @@ def _run_dir(tmp_path: Path, **fields) -> Path:
     return run
 
 
+QUICK_NANO = (
+    "profile",
+    "--preset",
+    "nano",
+    "--seq-len",
+    "64",
+    "--quick",
+    "--device",
+    "cpu",
+    "--json",
+)
+
+
 def test_quick_profile_json_schema(cli, tmp_path):
     out = tmp_path / "profile.json"
-    result = cli(
-        "profile",
-        "--preset",
-        "nano",
-        "--seq-len",
-        "64",
-        "--quick",
-        "--device",
-        "cpu",
-        "--json",
-        out,
-    )
+    result = cli(*QUICK_NANO, out)
     assert result.exit_code == 0, result.stderr
     for title in (
         "1. Model",
@@ -298,18 +300,7 @@ def test_what_does_not_fit_is_skipped_with_the_reason(cli, monkeypatch, tmp_path
 
     monkeypatch.setattr(report, "available_memory", lambda device: 2**16)  # 64 KiB free
     out = tmp_path / "p.json"
-    result = cli(
-        "profile",
-        "--preset",
-        "nano",
-        "--seq-len",
-        "64",
-        "--quick",
-        "--device",
-        "cpu",
-        "--json",
-        out,
-    )
+    result = cli(*QUICK_NANO, out)
     assert result.exit_code == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["train_tokens_per_s"] is None and data["decode_tokens_per_s"] is None

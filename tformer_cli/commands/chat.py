@@ -14,7 +14,7 @@ from tformer_cli.commands import options
 from tformer_cli.commands.console import check_text, pick_model, require_stdin, utf8_problem
 from tformer_cli.commands.options import check_max_new_tokens, check_seed
 from tformer_cli.errors import TformerError
-from tformer_cli.inference.chat import ChatSession, read_transcript
+from tformer_cli.inference.chat import ChatSession, chat_mode, read_transcript
 from tformer_cli.inference.load import (
     check_quantize,
     inference_target,
@@ -353,7 +353,7 @@ def chat(
     path = pick_model(model_dir, err)
     prec = model_precision(precision, dev, prec, path)
     run = load_for_inference(path, dev, prec, compile_model, quantize=quantize)
-    mode = "chat" if run.info.get("chat") and run.tokenizer.has_chat_markers else "plain"
+    mode = chat_mode(run.info, run.tokenizer)
     session = ChatSession(run.model, run.tokenizer, mode, sampling, max_new_tokens, system, seed)
     interactive = sys.stdin.isatty()
     where = f"{dev} {prec}" + ("" if quantize == "none" else f" activations, {quantize} weights")

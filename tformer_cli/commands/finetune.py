@@ -10,7 +10,7 @@ import typer
 
 from tformer_cli.commands import options
 from tformer_cli.commands.progress import run_with_progress
-from tformer_cli.data.chat_template import encode_chat, plain_transcript
+from tformer_cli.inference.chat import render_prompt
 from tformer_cli.inference.sampling import SamplingConfig
 from tformer_cli.inference.text import generate
 from tformer_cli.training.config import config_flags, load_train_config, parse_duration
@@ -28,10 +28,8 @@ EXAMPLES = (
 def _chat_sampler(model, tok) -> str:
     """The model's reply to a fixed question, so you see fine-tuning take hold."""
     messages = [{"role": "user", "content": SAMPLE_PROMPT}]
-    if tok.has_chat_markers:
-        ids = encode_chat(tok, messages)
-    else:  # a base without the markers (an imported model) learns text: continue a transcript
-        ids = [tok.bos_id, *tok.encode(plain_transcript(messages))]
+    # a base without the markers (an imported model) learns text: continue a plain transcript
+    ids = render_prompt(tok, "chat" if tok.has_chat_markers else "plain", messages)
     ids = ids[-model.config.max_seq_len + 60 :]
     (reply,), _ = generate(model, tok, [ids], SamplingConfig(temperature=0), 60)
     return f"{SAMPLE_PROMPT} -> {reply.text}"

@@ -26,13 +26,13 @@ The choice and why are recorded in config.json ("train" -> "auto") and shown on 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from models import ModelConfig, get_preset
 from models.flops import flops_per_token
+from tformer_cli.runs.rundir import read_dir_config
 from tformer_cli.units import human_count
 
 AUTO = "auto"
@@ -138,7 +138,6 @@ def choose(
 def recorded_choice(run_dir: Path) -> AutoChoice | None:
     """The choice a run recorded (config.json "train" -> "auto"), for --resume."""
     try:
-        info = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        return AutoChoice(**info["train"]["auto"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return AutoChoice(**(read_dir_config(run_dir) or {})["train"]["auto"])
+    except (KeyError, TypeError):
         return None
